@@ -55,8 +55,9 @@ def base_identities(model_path: str, name_or_path: str | None = None) -> frozens
     return frozenset(i for i in ids if i)
 
 
-def layout_from_model(model: torch.nn.Module, target_modules: tuple[str, ...], target_rank: int,
-                      base_ids: frozenset[str]) -> Layout:
+def layout_from_model(
+    model: torch.nn.Module, target_modules: tuple[str, ...], target_rank: int, base_ids: frozenset[str]
+) -> Layout:
     """Enumerate the Linear modules of ``model`` matched by PEFT's own target-module rules."""
     probe = LoraConfig(target_modules=list(target_modules))
     modules: dict[str, LayoutModule] = {}
@@ -90,6 +91,6 @@ def module_name_from_key(key: str) -> tuple[str, str] | None:
         suffix = f".{part}.weight"
         if key.endswith(suffix):
             module = key[: -len(suffix)]
-            module = module[len(PEFT_KEY_PREFIX):] if module.startswith(PEFT_KEY_PREFIX) else module
+            module = module[len(PEFT_KEY_PREFIX) :] if module.startswith(PEFT_KEY_PREFIX) else module
             return module, part
     return None

@@ -1,0 +1,147 @@
+"""Requests, results and per-request decoding state (sampling, stop strings, streaming deltas).
+
+The engine's worker owns the model; everything here is plain host-side bookkeeping per row.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hotswap_core.slots import AdapterVersion
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string), "length", "cancelled"
+    adapter: AdapterVersion
+    time_to_first_token_s: float
+    duration_s: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One prompt to complete. ``on_text`` receives text deltas from the worker thread (streaming)."""
+
+    prompt: str | list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    on_text: Callable[[str], Any] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    future: Future[GenerationResult] = field(default_factory=Future)
+    created_at: float = field(default_factory=time.monotonic)
+
+
+class RowState:
+    """Decoding state of one row of a batch."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        decode: Callable[[list[int]], str],
+        eos_ids: frozenset[int],
+    ) -> None:
+        self.request = request
+        self.params = request.params
+        self.prompt_ids = prompt_ids
+        self._decode = decode
+        self._eos_ids = eos_ids
+        self.ids: list[int] = []
+        self.text = ""
+        self._emitted = 0
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+        self.generator: torch.Generator | None = None
+        if self.params.temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(self.params.seed if self.params.seed is not None else secrets.randbits(63))
+        # Text that may still become the start of a stop string is held back from the stream.
+        self._holdback = max((len(s) for s in self.params.stop), default=1) - 1
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token_id: int) -> None:
+        """Accept the next sampled token; updates text, finish state, and streams the new text."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if self.request.cancelled.is_set():
+            self.finish_reason = "cancelled"
+            return
+        if token_id in self._eos_ids:
+            self.finish_reason = "stop"
+            self._emit(final=True)
+            return
+        self.ids.append(token_id)
+        self.text = self._decode(self.ids)
+        for stop in self.params.stop:
+            at = self.text.find(stop)
+            if at != -1:
+                self.text = self.text[:at]
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+        self._emit(final=self.done)
+
+    def _emit(self, final: bool) -> None:
+        if self.request.on_text is None:
+            return
+        end = len(self.text)
+        if not final:
+            end -= self._holdback
+            # A multi-byte character split across tokens decodes as U+FFFD until it is complete.
+            while end > self._emitted and self.text[end - 1] == "\ufffd":
+                end -= 1
+        if end > self._emitted:
+            self.request.on_text(self.text[self._emitted : end])
+            self._emitted = end
+
+
+def sample(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
+    """Pick the next token per row. logits: [B, V] (any device/dtype); greedy rows use argmax."""
+    greedy = logits.argmax(dim=-1).tolist()
+    out: list[int] = []
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.temperature == 0 or row.generator is None:
+            out.append(int(greedy[i]))
+            continue
+        probs = torch.softmax(logits[i].float().cpu() / p.temperature, dim=-1)  # [V]
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        out.append(int(torch.multinomial(probs, 1, generator=row.generator).item()))
+    return out

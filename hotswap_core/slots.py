@@ -1,0 +1,182 @@
+"""Two LoRA slots in one compiled graph.
+
+Every LoRA module of the layout holds its A and B weights for *both* slots in one padded tensor
+(``A: [2, R, in]``, ``B: [2, out, R]``, ``scale: [2]``), and one shared ``slot`` index tensor
+selects which half the forward uses. So:
+
+* flipping live <-> standby is one in-place write to ``slot`` — no Python attribute changes for
+  dynamo to guard on, so one set of compiled graphs serves both slots and nothing recompiles;
+* staging writes only the standby half with ``copy_`` (storage never rebound, so inductor and CUDA
+  graphs keep their pointers) while the live half keeps serving;
+* per-module scalings (``rank_pattern``/``alpha_pattern``/``use_rslora``) are data, not constants.
+
+The modules are installed into PEFT's own ``LoraLayer``s (``lora_A["default"]``/``lora_B["default"]``),
+so PEFT's forward, dtype casting and target matching stay in charge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from hotswap_core.layout import Layout
+
+ADAPTER_NAME = "default"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """What a slot holds: enough to name it in responses and to re-stage it from disk."""
+
+    version: str
+    sha256: str
+    source: str = "directory"
+    path: str | None = None
+
+    @property
+    def is_base(self) -> bool:
+        return self.source == "base"
+
+
+BASE_VERSION = AdapterVersion(version="base", sha256="0" * 64, source="base")
+
+
+class SlotLinear(nn.Module):
+    """A bias-free Linear whose weight is one of two slots, chosen by a shared index tensor."""
+
+    def __init__(self, weight: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [2, out, in]
+        self.register_buffer("slot", slot, persistent=False)  # [1] long, shared by every module
+        self.scale: torch.Tensor | None
+        if scale is not None:
+            self.register_buffer("scale", scale, persistent=False)  # [2] float32
+        else:
+            self.scale = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # index_select with a tensor index stays in the graph; weight[slot] would call .item().
+        w = torch.index_select(self.weight, 0, self.slot).squeeze(0)  # [out, in]
+        y = F.linear(x, w)
+        if self.scale is not None:
+            # 0-d like PEFT's own tensor scaling, so a bf16 activation is not promoted to fp32.
+            y = y * torch.index_select(self.scale, 0, self.slot).squeeze(0)
+        return y
+
+
+@dataclass
+class _ModuleSlots:
+    a: SlotLinear  # weight [2, R, in]
+    b: SlotLinear  # weight [2, out, R], scale [2]
+
+
+class SlotBank:
+    """Owns the two slots of every LoRA module and which version each slot holds."""
+
+    def __init__(self, model: nn.Module, layout: Layout, device: torch.device, dtype: torch.dtype) -> None:
+        self.layout = layout
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self._live = 0
+        # None = unknown/dirty (a staging was interrupted): never flip to it without re-staging.
+        self.contents: list[AdapterVersion | None] = [BASE_VERSION, BASE_VERSION]
+        self._modules: dict[str, _ModuleSlots] = {}
+        rank = layout.target_rank
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLinear):
+                continue
+            key = _layout_name(name)
+            spec = layout.modules.get(key)
+            if spec is None:
+                raise RuntimeError(f"PEFT injected LoRA into {key!r}, which is not in the layout")
+            a = SlotLinear(torch.zeros(2, rank, spec.in_features, device=device, dtype=dtype), self.slot)
+            b = SlotLinear(
+                torch.zeros(2, spec.out_features, rank, device=device, dtype=dtype),
+                self.slot,
+                torch.zeros(2, device=device, dtype=torch.float32),
+            )
+            module.lora_A[ADAPTER_NAME] = a
+            module.lora_B[ADAPTER_NAME] = b
+            # The slot's own scale does the scaling; PEFT's tensor scaling stays exactly 1.
+            module.scaling[ADAPTER_NAME] = torch.ones((), device=device)
+            self._modules[key] = _ModuleSlots(a, b)
+        missing = set(layout.modules) - set(self._modules)
+        if missing:
+            raise RuntimeError(f"layout modules without a LoRA layer: {sorted(missing)[:5]}")
+
+    @property
+    def live(self) -> int:
+        return self._live
+
+    @property
+    def standby(self) -> int:
+        return 1 - self._live
+
+    @property
+    def live_version(self) -> AdapterVersion:
+        version = self.contents[self._live]
+        assert version is not None, "the live slot is never dirty"
+        return version
+
+    def select(self, index: int) -> None:
+        """Point the forward at slot ``index``. Only the engine's worker calls this, between batches."""
+        self.slot.fill_(index)
+
+    def flip(self) -> None:
+        """Commit: standby becomes live. Caller guarantees standby holds a complete version."""
+        if self.contents[self.standby] is None:
+            raise RuntimeError("refusing to flip to a standby slot whose content is unknown")
+        self._live = self.standby
+        self.select(self._live)
+
+    @torch.no_grad()
+    def stage(
+        self,
+        index: int,
+        version: AdapterVersion,
+        weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        scalings: Mapping[str, float],
+    ) -> None:
+        """Copy an adapter into slot ``index`` (never the live one). Modules it does not target are zeroed.
+
+        The slot is marked dirty first, so an exception half-way leaves it flagged, never flipped to.
+        """
+        if index == self._live:
+            raise RuntimeError("refusing to stage into the live slot")
+        self.contents[index] = None
+        for name, slots in self._modules.items():
+            a_w, b_w, scale = slots.a.weight[index], slots.b.weight[index], slots.b.scale
+            assert scale is not None
+            if name in weights:
+                a, b = weights[name]  # a: [r, in], b: [out, r]
+                r = a.shape[0]
+                a_w[:r].copy_(a, non_blocking=True)
+                a_w[r:].zero_()
+                b_w[:, :r].copy_(b, non_blocking=True)
+                b_w[:, r:].zero_()
+                scale[index] = scalings[name]
+            else:
+                a_w.zero_()
+                b_w.zero_()
+                scale[index] = 0.0
+        if self.slot.device.type == "cuda":
+            torch.cuda.synchronize(self.slot.device)  # the copies above are async; finish before marking clean
+        self.contents[index] = version
+
+    def slot_tensors(self, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Views of slot ``index`` (A, B, scale) per module; for tests and diagnostics."""
+        out = {}
+        for name, s in self._modules.items():
+            assert s.b.scale is not None
+            out[name] = (s.a.weight[index], s.b.weight[index], s.b.scale[index])
+        return out
+
+
+def _layout_name(peft_module_name: str) -> str:
+    """'base_model.model.model.layers.0.self_attn.q_proj' -> 'model.layers.0.self_attn.q_proj'."""
+    prefix = "base_model.model."
+    return peft_module_name[len(prefix) :] if peft_module_name.startswith(prefix) else peft_module_name

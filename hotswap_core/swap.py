@@ -1,0 +1,237 @@
+"""The swap transaction: validate -> load -> stage -> verify -> commit -> record.
+
+Everything before commit touches only the standby slot while the live slot keeps serving, so any
+failure leaves the live slot bitwise untouched: atomic by construction. Commit is one flip of the
+slot index, run by the engine's worker between batches; its duration is the serving stall.
+One transaction at a time (a lock); rollback is one more flip, or a re-stage from the recorded
+files when a later staging has overwritten the standby slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hotswap_core.adapters import AdapterSpec, inspect_adapter, load_adapter
+from hotswap_core.config import ValidationConfig
+from hotswap_core.engine import Engine
+from hotswap_core.errors import AdapterRejected, SwapError
+from hotswap_core.history import History, SwapRecord, fingerprint
+from hotswap_core.slots import AdapterVersion
+
+log = logging.getLogger("hotswapd.swap")
+
+PHASES = ("detect", "validate", "load", "stage", "verify", "commit")
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self.current = "validate"
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.current = name
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = time.perf_counter() - t0
+
+
+class Swapper:
+    """Runs swap and rollback transactions against one engine."""
+
+    def __init__(self, engine: Engine, validation: ValidationConfig, history: History) -> None:
+        self.engine = engine
+        self.validation = validation
+        self.history = history
+        self.listeners: list[Callable[[str, SwapRecord], None]] = []  # (event kind, record)
+        self._lock = threading.Lock()
+
+    @property
+    def live(self) -> AdapterVersion:
+        return self.engine.slots.live_version
+
+    def swap(
+        self, path: str | Path, *, version: str | None = None, source: str = "directory", seen_at: float | None = None
+    ) -> SwapRecord:
+        """Validate the adapter folder at ``path`` and make it live. Never raises for a bad adapter:
+        the returned record says ``rejected`` (with a reason code) or ``failed`` (with the phase)."""
+        path = str(path)
+        with self._lock:
+            started = time.time()
+            timer = _Timer()
+            if seen_at is not None:
+                timer.phases["detect"] = max(0.0, time.monotonic() - seen_at)
+            spec: AdapterSpec | None = None
+            try:
+                with timer.phase("validate"):
+                    spec = inspect_adapter(path, self.engine.layout, self.validation, version=version)
+                if spec.sha256 == self.live.sha256:
+                    return self._finish(
+                        SwapRecord(
+                            spec.version,
+                            spec.sha256,
+                            source,
+                            path,
+                            "unchanged",
+                            phases=timer.phases,
+                            started_at=started,
+                        )
+                    )
+                target = AdapterVersion(spec.version, spec.sha256, source, str(spec.path))
+                with timer.phase("load"):
+                    weights = load_adapter(spec, self.validation)
+                stall = self._stage_verify_commit(target, spec, weights, timer)
+            except AdapterRejected as exc:
+                self.history.reject(path, fingerprint(path), exc.reason, exc.message)
+                return self._finish(
+                    SwapRecord(
+                        spec.version if spec else (version or Path(path).name),
+                        spec.sha256 if spec else None,
+                        source,
+                        path,
+                        "rejected",
+                        exc.reason,
+                        exc.message,
+                        timer.phases,
+                        started_at=started,
+                    )
+                )
+            except Exception as exc:  # anything else is a failed transaction, never a dead daemon
+                log.exception("swap of %s failed in phase %s", path, timer.current)
+                return self._finish(
+                    SwapRecord(
+                        spec.version if spec else (version or Path(path).name),
+                        spec.sha256 if spec else None,
+                        source,
+                        path,
+                        "failed",
+                        f"{timer.current}_failed",
+                        str(exc),
+                        timer.phases,
+                        started_at=started,
+                    )
+                )
+            self.history.committed(target)
+            return self._finish(
+                SwapRecord(
+                    target.version,
+                    target.sha256,
+                    source,
+                    path,
+                    "success",
+                    phases=timer.phases,
+                    stall_s=stall,
+                    started_at=started,
+                )
+            )
+
+    def rollback(self) -> SwapRecord:
+        """Make the previously committed version live again; it sticks across restarts."""
+        with self._lock:
+            started = time.time()
+            timer = _Timer()
+            prev = self.history.previous()
+            if prev is None:
+                raise SwapError("rollback", "there is no previous version to roll back to")
+            slots = self.engine.slots
+            try:
+                if slots.contents[slots.standby] != prev:
+                    # A later staging overwrote standby: bring the previous version back from its files.
+                    weights, scalings = self._reload(prev, timer)
+                    with timer.phase("stage"):
+                        slots.stage(slots.standby, prev, weights, scalings)
+                stall = self._commit(timer)
+            except AdapterRejected as exc:
+                raise SwapError("rollback", f"previous version {prev.version} is no longer valid: {exc}") from exc
+            self.history.rolled_back_to_previous()
+            return self._finish(
+                SwapRecord(
+                    prev.version,
+                    prev.sha256,
+                    prev.source,
+                    prev.path,
+                    "rolled_back",
+                    phases=timer.phases,
+                    stall_s=stall,
+                    started_at=started,
+                )
+            )
+
+    def restore(self, target: AdapterVersion) -> SwapRecord:
+        """Make ``target`` live from its recorded files (used at start-up for the last committed version)."""
+        if target.is_base:
+            return SwapRecord(target.version, target.sha256, target.source, None, "unchanged")
+        assert target.path is not None
+        return self.swap(target.path, version=target.version, source=target.source)
+
+    # ---- phases -----------------------------------------------------------------------------
+    def _stage_verify_commit(self, target: AdapterVersion, spec: AdapterSpec, weights: dict, timer: _Timer) -> float:
+        slots = self.engine.slots
+        scalings = {name: m.scaling for name, m in spec.modules.items()}
+        with timer.phase("stage"):
+            slots.stage(slots.standby, target, weights, scalings)
+        if self.validation.smoke_prompts:
+            with timer.phase("verify"):
+                self._verify(spec)
+        return self._commit(timer)
+
+    def _verify(self, spec: AdapterSpec) -> None:
+        outputs = self.engine.probe(list(self.validation.smoke_prompts), self.engine.slots.standby)
+        for prompt, (text, finite) in zip(self.validation.smoke_prompts, outputs, strict=True):
+            if not finite:
+                raise AdapterRejected("non_finite", f"{spec.version}: non-finite logits for smoke prompt {prompt!r}")
+            if not text:
+                raise AdapterRejected("empty_output", f"{spec.version}: empty completion for smoke prompt {prompt!r}")
+
+    def _commit(self, timer: _Timer) -> float:
+        stall: list[float] = []
+
+        def flip() -> None:
+            t0 = time.perf_counter()
+            self.engine.slots.flip()
+            stall.append(time.perf_counter() - t0)
+
+        with timer.phase("commit"):
+            self.engine.call_between_batches(flip).result()
+        return stall[0]
+
+    def _reload(self, version: AdapterVersion, timer: _Timer) -> tuple[dict, dict[str, float]]:
+        if version.is_base:
+            return {}, {}
+        assert version.path is not None
+        with timer.phase("validate"):
+            spec = inspect_adapter(version.path, self.engine.layout, self.validation, version=version.version)
+        if spec.sha256 != version.sha256:
+            raise AdapterRejected("changed", f"{version.path} no longer holds version {version.version}")
+        with timer.phase("load"):
+            weights = load_adapter(spec, self.validation)
+        return weights, {name: m.scaling for name, m in spec.modules.items()}
+
+    def _finish(self, record: SwapRecord) -> SwapRecord:
+        self.history.add(record)
+        phases = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in record.phases.items() if math.isfinite(v))
+        level = logging.INFO if record.result in ("success", "rolled_back", "unchanged") else logging.WARNING
+        log.log(
+            level,
+            "swap version=%s sha256=%s result=%s reason=%s %s%s",
+            record.version,
+            (record.sha256 or "-")[:12],
+            record.result,
+            record.reason or "-",
+            phases,
+            f" message={record.message!r}" if record.message else "",
+        )
+        for listener in self.listeners:
+            try:
+                listener(record.result, record)
+            except Exception:
+                log.exception("swap listener failed")
+        return record
