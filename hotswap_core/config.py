@@ -220,6 +220,13 @@ def _check_values(c: Config) -> list[str]:
         "source.hub.poll_seconds": c.source.hub.poll_seconds,
     }
     p += [f"{k}: must be > 0, got {v!r}" for k, v in positive.items() if v <= 0]
+    if c.model.compile.mode in ("reduce-overhead", "max-autotune"):
+        # CUDA graphs replay into fixed output buffers; the dynamic KV cache that hotswapd decodes
+        # with is itself a graph output, so a replay would overwrite the cache of a running request.
+        p.append(
+            f"model.compile.mode: {c.model.compile.mode!r} uses CUDA graphs, which need a static KV cache; "
+            "use 'default' or 'max-autotune-no-cudagraphs'"
+        )
     if c.adapter.target_rank < 1:
         p.append(f"adapter.target_rank: must be >= 1, got {c.adapter.target_rank}")
     if not c.adapter.target_modules:

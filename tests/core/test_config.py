@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hotswap_core.config import config_from_dict, load_config
+from hotswap_core.errors import ConfigError
+
+MINIMAL = {
+    "model": {"path": "org/model"},
+    "adapter": {"target_modules": ["q_proj", "v_proj"], "target_rank": 8},
+    "source": {"kind": "directory", "directory": {"path": "/srv/adapters"}},
+}
+
+
+def with_(overrides: dict, base: dict | None = None) -> dict:
+    """Deep-merge ``overrides`` into a copy of ``base`` (MINIMAL by default)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (base or MINIMAL).items()}
+    for key, value in overrides.items():
+        out[key] = with_(value, out.get(key, {})) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def problems(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    return info.value.problems
+
+
+def test_minimal_config_gets_defaults() -> None:
+    c = config_from_dict(MINIMAL)
+    assert c.model.path == "org/model"
+    assert c.adapter.target_modules == ("q_proj", "v_proj")
+    assert c.source.directory.settle_seconds == 1.0
+    assert c.metrics.listen == "127.0.0.1:9464"  # loopback by default
+    assert c.validation.allow_pickle is False
+    with pytest.raises(AttributeError):
+        c.model.path = "x"  # type: ignore[misc]  # frozen
+
+
+def test_wrong_type_names_the_key_path() -> None:
+    got = problems(with_({"source": {"directory": {"settle_seconds": "soon"}}}))
+    assert got == ["source.directory.settle_seconds: expected a number, got 'soon'"]
+
+
+def test_unknown_keys_are_errors_with_their_path() -> None:
+    got = problems(with_({"model": {"compile": {"enabeld": True}}, "extra": 1}))
+    assert "model.compile.enabeld: unknown key" in got
+    assert "extra: unknown key" in got
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"adapter": {"target_rank": 0}}, "adapter.target_rank: must be >= 1, got 0"),
+        ({"model": {"path": ""}}, "model.path: required"),
+        ({"validation": {"max_adapter_bytes": -1}}, "validation.max_adapter_bytes: must be > 0, got -1"),
+        ({"model": {"device": "tpu"}}, "model.device: expected one of 'auto', 'cuda', 'cpu', got 'tpu'"),
+        ({"model": {"max_batch_size": True}}, "model.max_batch_size: expected an integer, got True"),
+        ({"metrics": {"listen": "9464"}}, "metrics.listen: expected HOST:PORT"),
+        ({"source": {"kind": "hub"}}, "source.hub.repo_id: required"),
+    ],
+)
+def test_impossible_values(override: dict, expected: str) -> None:
+    assert any(p.startswith(expected) for p in problems(with_(override))), problems(with_(override))
+
+
+def test_missing_model_section_is_an_error() -> None:
+    raw = {k: v for k, v in MINIMAL.items() if k != "model"}
+    assert any(p.startswith("model.path: required") for p in problems(raw))
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    got = problems(with_({"adapter": {"target_rank": "eight"}, "server": {"max_queue": "many"}}))
+    assert len(got) == 2
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "model: {path: base}\nadapter: {target_modules: [q_proj], target_rank: 4}\n"
+        "source: {directory: {path: adapters}}\nstate_dir: state\n"
+    )
+    c = load_config(cfg)
+    assert c.model.path == str(tmp_path / "base")
+    assert c.source.directory.path == str(tmp_path / "adapters")
+    assert c.state_dir == str(tmp_path / "state")
+
+
+def test_hub_id_is_not_treated_as_a_path(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {path: org/model}\nadapter: {target_modules: [q_proj]}\nsource: {kind: none}\n")
+    assert load_config(cfg).model.path == "org/model"
+
+
+def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hotswapd.cli", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("model: {path: org/model}\nadapter: {target_modules: [q_proj]}\nsource: {kind: none}\n")
+    out = _check_config(good)
+    assert out.returncode == 0 and out.stdout.startswith("OK"), out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: org/model}\nadapter: {target_modules: [q_proj]}\n"
+                   "source: {directory: {path: x, settle_seconds: soon}}\n")
+    out = _check_config(bad)
+    assert out.returncode == 2
+    assert "source.directory.settle_seconds: expected a number, got 'soon'" in out.stdout
+    missing = _check_config(tmp_path / "nope.yaml")
+    assert missing.returncode == 2 and "no such file" in missing.stdout
