@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -157,7 +158,7 @@ def inspect_adapter(
         entries, weights_stamp, sha, weights_sha = _scan_safetensors(weights_path, config_bytes, validation)
     else:
         data, weights_stamp = _read_file(weights_path, validation.max_adapter_bytes, "max_adapter_bytes")
-        sha, weights_sha = _digests(config_bytes, data)
+        sha, weights_sha = _sha256(config_bytes, data), _sha256(data)
         tensors = _unpickle(data, weights_path)
         entries = {k: (_TORCH_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for k, t in tensors.items()}
     return AdapterSpec(
@@ -195,7 +196,7 @@ def load_adapter(
     data, stamp = _read_file(where, validation.max_adapter_bytes, "max_adapter_bytes", "changed")
     if stamp.size < spec.weights_stamp.size:
         _reject("truncated", where, f"{stamp.size} bytes now, {spec.weights_stamp.size} when inspected")
-    if _digests(config_bytes, data)[0] != spec.sha256:
+    if _sha256(config_bytes, data) != spec.sha256:
         _reject("changed", spec.path, f"{CONFIG_NAME} or {where.name} changed since inspection (sha256 differs)")
     if spec.weights_format == "pickle":
         tensors = _unpickle(data, where)
@@ -263,7 +264,7 @@ def _read_file(path: Path, limit: int, limit_name: str, missing: str = "missing_
     try:
         with open(path, "rb") as f:
             st = _checked_stat(f.fileno(), path, limit, limit_name)
-            data = f.read(limit + 1)
+            data = f.read(st.st_size + 1)  # +1: notice a file that grew
     except FileNotFoundError:
         _reject(missing, path, "no such file")
     except OSError as exc:
@@ -280,10 +281,11 @@ def _checked_stat(fd: int, path: Path, limit: int, limit_name: str) -> os.stat_r
     return st
 
 
-def _digests(config_bytes: bytes, weights: bytes) -> tuple[str, str]:
-    combined, alone = hashlib.sha256(config_bytes), hashlib.sha256(weights)
-    combined.update(weights)
-    return combined.hexdigest(), alone.hexdigest()
+def _sha256(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def _parse_config(raw: bytes, path: Path) -> dict[str, Any]:
@@ -360,7 +362,7 @@ def _scan_safetensors(
                 _reject("truncated", path, f"header of {header_len} bytes, but the file is {st.st_size} bytes")
             header = f.read(header_len)
             read = 0
-            for chunk in (prefix, header, *iter(lambda: f.read(1 << 20), b"")):
+            for chunk in itertools.chain((prefix, header), iter(lambda: f.read(1 << 20), b"")):
                 combined.update(chunk)
                 alone.update(chunk)
                 read += len(chunk)
@@ -479,7 +481,7 @@ def _match_layout(
         alpha = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config["lora_alpha"]))
         # Ranks before shapes: an r=16 adapter on an r=8 layout is "too big", not "misshapen".
         for what, value in (("configured rank", rank), (f"{a_key} rank", a_shape[0]), (f"{b_key} rank", b_shape[1])):
-            if False:
+            if value > layout.target_rank:
                 limit = f"adapter.target_rank={layout.target_rank}"
                 _reject("rank_exceeds_target", path, f"{module}: {what} {value} exceeds {limit}")
         base = layout.modules[module]

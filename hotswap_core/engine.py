@@ -104,7 +104,7 @@ class Engine:
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         )
 
-        ids = base_identities(m.path, getattr(base.config, "_name_or_path", None)) | _declared_base_ids(base.config)
+        ids = base_identities(m.path, base.config)
         self.layout: Layout = layout_from_model(
             base, self.config.adapter.target_modules, self.config.adapter.target_rank, ids
         )
@@ -264,7 +264,10 @@ class Engine:
     def _run_batch(self, batch: list[GenerationRequest]) -> None:
         rows: list[RowState] = []
         for req in batch:
-            if req.cancelled.is_set() or not req.future.set_running_or_notify_cancel():
+            if req.cancelled.is_set():
+                req.future.cancel()  # the client went away before its turn
+                continue
+            if not req.future.set_running_or_notify_cancel():
                 continue
             try:
                 rows.append(self._row(req))
@@ -374,12 +377,6 @@ class Engine:
                 self.slots.select(self.slots.live)
 
         return self.call_between_batches(run).result()
-
-
-def _declared_base_ids(model_config: Any) -> frozenset[str]:
-    """A model may declare the id its adapters name (the demo sets ``hotswapd_base_id``)."""
-    declared = getattr(model_config, "hotswapd_base_id", None)
-    return frozenset([declared]) if isinstance(declared, str) and declared else frozenset()
 
 
 def _run_into(fn: Callable[[], T], fut: Future[T]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -47,12 +48,16 @@ class Layout:
         )
 
 
-def base_identities(model_path: str, name_or_path: str | None = None) -> frozenset[str]:
-    """Names under which an adapter may refer to this base model (path, Hub id, folder name)."""
-    ids = {model_path.rstrip("/"), os.path.basename(model_path.rstrip("/"))}
-    if name_or_path:
-        ids |= {name_or_path.rstrip("/"), os.path.basename(name_or_path.rstrip("/"))}
-    return frozenset(i for i in ids if i)
+def base_identities(model_path: str, model_config: Any = None) -> frozenset[str]:
+    """Names under which an adapter may refer to this base model: the configured path or Hub id,
+    its folder name, the config's ``_name_or_path``, and an id the model declares itself
+    (``hotswapd_base_id`` in config.json, as the demo model does)."""
+    names = [model_path, getattr(model_config, "_name_or_path", None), getattr(model_config, "hotswapd_base_id", None)]
+    ids: set[str] = set()
+    for name in names:
+        if isinstance(name, str) and name.strip("/"):
+            ids |= {name.rstrip("/"), os.path.basename(name.rstrip("/"))}
+    return frozenset(ids)
 
 
 def layout_from_model(
@@ -81,7 +86,7 @@ def layout_from_config(config: Config) -> Layout:
         raise ConfigError([f"model.path: cannot load a model config from {config.model.path!r}: {exc}"]) from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
-    ids = base_identities(config.model.path, getattr(model_config, "_name_or_path", None))
+    ids = base_identities(config.model.path, model_config)
     return layout_from_model(model, config.adapter.target_modules, config.adapter.target_rank, ids)
 
 

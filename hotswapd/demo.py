@@ -8,6 +8,7 @@ ends with ``"assistant =>"`` so chat completions show it too.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -15,6 +16,8 @@ import random
 import shutil
 import string
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,16 +29,17 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from hotswap_core.errors import HotswapError
+
 logger = logging.getLogger("hotswapd.demo")
 
 # Adapters name their base with this string; the base's config.json carries it as BASE_ID_ATTR
 # because transformers drops ``_name_or_path`` when saving and sets it to the load path on loading.
 BASE_ID = "hotswapd-demo-tiny-llama"
 BASE_ID_ATTR = "hotswapd_base_id"
-DEMO_VERSION = "1"  # bump to make existing demo folders rebuild
+DEMO_VERSION = "2"  # bump to make existing demo folders rebuild
 MARKER = ".demo-complete"
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TARGET_RANK = 8
 BROKEN_REASONS = (
     "non_finite", "rank_exceeds_target", "truncated", "pickle_refused", "unknown_module",
     "base_mismatch", "missing_file", "bad_config", "unsupported_feature", "shape_mismatch",
@@ -48,8 +52,8 @@ CHAT_TEMPLATE = (
 )
 # Prompt alphabet for training: a few non-ASCII letters so UTF-8 continuation bytes are seen too.
 _ALPHABET = string.ascii_letters + string.digits + string.punctuation + "    \n\téüß日本🙂"
-_TRAIN_STEPS = 80
-_TRAIN_BATCH = 64
+_TRAIN_STEPS = 60
+_TRAIN_BATCH = 32
 _PROBES = ("Hello =>", "What is the capital of France? =>", "x =>", "user: hi\nassistant =>")
 
 CONFIG_YAML = """\
@@ -122,9 +126,7 @@ def build_demo(root: Path, *, force: bool = False) -> DemoAssets:
     for stale in (assets.base, root / "examples"):
         shutil.rmtree(stale, ignore_errors=True)
     assets.watched.mkdir(parents=True, exist_ok=True)
-    # fork_rng: seed for determinism without disturbing the caller's global RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+    with _seeded_single_thread():
         _build_tokenizer().save_pretrained(assets.base)
         base = _build_base()
         base.save_pretrained(assets.base)
@@ -143,6 +145,25 @@ def build_demo(root: Path, *, force: bool = False) -> DemoAssets:
     return assets
 
 
+@contextlib.contextmanager
+def _seeded_single_thread() -> Iterator[None]:
+    """Seed torch without disturbing the caller's RNG; run on one thread, restored afterwards.
+
+    The matrices are tiny: a second thread only adds synchronisation, and on a busy 2-core machine
+    a training step went from 0.09 s to 1.4 s with two threads.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # PEFT 0.21 calls transformers' deprecated is_gradient_checkpointing; not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            torch.manual_seed(SEED)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _build_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: one token per byte, no merges, so any UTF-8 text round-trips exactly."""
     byte_to_char = bytes_to_unicode()
@@ -156,19 +177,17 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
     )  # fmt: skip
 
 
-def _llama_config(hidden_size: int = 64, num_attention_heads: int = 4, num_key_value_heads: int = 2) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=EOS + 1, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads, intermediate_size=2 * hidden_size, max_position_embeddings=1024,
-        tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, dtype="float32",
+def _build_base(hidden_size: int = 64) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=EOS + 1, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, dtype="float32",
         # Wider than the usual 0.02: with a frozen random lm_head and RMSNorm before it, small weights
         # cap the logit margin a LoRA can reach, and training then stalls at a high loss.
-        initializer_range=0.2, **{BASE_ID_ATTR: BASE_ID},
+        initializer_range=0.2,
     )  # fmt: skip
-
-
-def _build_base(**config: Any) -> LlamaForCausalLM:
-    model = LlamaForCausalLM(_llama_config(**config)).eval()
+    setattr(config, BASE_ID_ATTR, BASE_ID)  # extra config attributes are saved to config.json as they are
+    model = LlamaForCausalLM(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
     model.name_or_path = BASE_ID  # get_peft_model copies this into the adapter's base_model_name_or_path
     return model
@@ -231,13 +250,18 @@ def _train_adapter(base: LlamaForCausalLM, config: LoraConfig, target: str, dest
     model.eval()
     misses = [p for p in _PROBES if not _greedy(model, p).startswith(target)]
     if misses:
-        raise RuntimeError(f"demo adapter {dest.name!r} did not learn {target!r} for {misses}")
-    model.save_pretrained(dest)
+        raise HotswapError(f"demo adapter {dest.name!r} did not learn {target!r} for {misses}")
+    _save(model, dest)
     logger.info("demo adapter %s trained (loss %.3f) in %.1f s", dest.name, loss.item(), time.monotonic() - started)
 
 
+def _save(model: PeftModel, dest: Path) -> None:
+    # PEFT's default ("auto") looks the base id up on the Hub to decide whether to save embeddings.
+    model.save_pretrained(str(dest), save_embedding_layers=False)
+
+
 def _fresh_adapter(base: LlamaForCausalLM, dest: Path, **lora: Any) -> None:
-    _peft(base, LoraConfig(**lora)).save_pretrained(dest)
+    _save(_peft(base, LoraConfig(**lora)), dest)
 
 
 def _edit_config(folder: Path, **changes: Any) -> None:

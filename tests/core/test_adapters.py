@@ -40,6 +40,11 @@ Q0_A = f"base_model.model.{Q0}.lora_A.weight"
 Q0_B = f"base_model.model.{Q0}.lora_B.weight"
 STRICT = ValidationConfig()
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Could not find a config file"),  # PEFT, about our fake base path
+    pytest.mark.filterwarnings("ignore:Detected pickle protocol"),  # torch, about the refused payloads
+]
+
 
 @pytest.fixture(scope="module")
 def base() -> LlamaForCausalLM:
@@ -90,9 +95,16 @@ def copy_of(good: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def rejected(folder: Path, layout: Layout, validation: ValidationConfig = STRICT) -> AdapterRejected:
+def rejected(
+    folder: Path, layout: Layout, validation: ValidationConfig = STRICT, *, on_load: bool = False
+) -> AdapterRejected:
+    """The rejection, which must come from inspection (header only) unless ``on_load``."""
+    spec = inspect_adapter(folder, layout, validation) if on_load else None
     with pytest.raises(AdapterRejected) as info:
-        validate_adapter(folder, layout, validation)
+        if spec is None:
+            inspect_adapter(folder, layout, validation)
+        else:
+            load_adapter(spec, validation)
     assert info.value.reason in REASONS
     return info.value
 
@@ -341,10 +353,13 @@ def poison(key: str, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
         (put(Q0_A, torch.zeros(4, 64, 1)), "shape_mismatch", Q0_A),
         (put(Q0_A, torch.zeros(12, 64)), "rank_exceeds_target", Q0_A),
     ],
+    ids=["nan", "inf", "-inf", "int32", "full-weight", "lm_head-lora", "embedding-lora", "dora-magnitude",
+         "lora-bias", "base-bias", "no-B", "no-A", "empty", "A-in-features", "B-out-features", "A-rank", "A-3d",
+         "A-rank-12"],
 )  # fmt: skip
 def test_weight_rejections(copy_of: Path, layout: Layout, change: Callable[..., Any], reason: str, named: str):
     edit_tensors(copy_of, change)
-    error = rejected(copy_of, layout)
+    error = rejected(copy_of, layout, on_load=reason == "non_finite")
     assert (error.reason, named in error.message) == (reason, True), error.message
     assert str(copy_of) in error.message
 
@@ -355,11 +370,11 @@ def test_config_rank_disagreeing_with_tensors(copy_of: Path, layout: Layout):
     assert error.reason == "shape_mismatch" and "rank 2" in error.message
 
 
-def test_non_finite_is_found_on_load_not_inspect(copy_of: Path, layout: Layout):
+def test_validate_covers_load_and_check_finite_can_be_off(copy_of: Path, layout: Layout):
     edit_tensors(copy_of, poison(Q0_B, float("nan")))
-    spec = inspect_adapter(copy_of, layout, STRICT)  # inspection reads no tensor data
     with pytest.raises(AdapterRejected, match="non_finite"):
-        load_adapter(spec, STRICT)
+        validate_adapter(copy_of, layout, STRICT)
+    spec = validate_adapter(copy_of, layout, ValidationConfig(check_finite=False))
     assert torch.isnan(load_adapter(spec, ValidationConfig(check_finite=False))[Q0][1]).any()
 
 
@@ -431,6 +446,27 @@ def rewrite_header(edit: Callable[[dict[str, Any]], Any]) -> Callable[[Path], No
         (rewrite_header(lambda h: h[Q0_A].update(dtype="F128")), "malformed"),
         (rewrite_header(lambda h: h[Q0_A].update(dtype="I32")), "bad_dtype"),
         (rewrite_header(lambda h: h.pop(Q0_A)), "malformed"),  # its bytes become a hole
+    ],
+    ids=[
+        "cut-1-byte",
+        "cut-half",
+        "cut-to-100",
+        "cut-to-5",
+        "empty",
+        "header-len-2**62",
+        "header-len-over-cap",
+        "header-len-past-eof",
+        "header-not-json",
+        "header-not-utf8",
+        "header-not-object",
+        "trailing-bytes",
+        "hole",
+        "overlap",
+        "offsets-vs-shape",
+        "negative-dim",
+        "unknown-dtype",
+        "int-dtype",
+        "entry-dropped",
     ],
 )
 def test_file_rejections(copy_of: Path, layout: Layout, change: Callable[[Path], None], reason: str):
@@ -529,7 +565,9 @@ def test_weights_rewritten_in_place_after_inspect(copy_of: Path, layout: Layout)
     assert info.value.reason == "changed"
 
 
-def test_weights_replaced_by_rename_after_inspect(copy_of: Path, layout: Layout, base: LlamaForCausalLM, tmp_path: Path):
+def test_weights_replaced_by_rename_after_inspect(
+    copy_of: Path, layout: Layout, base: LlamaForCausalLM, tmp_path: Path
+):
     spec = _inspect(copy_of, layout)
     make_adapter(base, tmp_path / "other", seed=2, r=4, lora_alpha=8)
     os.replace(tmp_path / "other" / WEIGHTS, copy_of / WEIGHTS)

@@ -1,0 +1,37 @@
+"""Makes real PEFT adapters for the demo base model (``save_pretrained``), with random non-zero weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+
+def make_adapter(base: Path, out: Path, *, r: int, alpha: float, targets: list[str], seed: int = 0,
+                 std: float = 0.15, **lora_kwargs: Any) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                  lora_dropout=0.0, **lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def eager_last_logits(base: Path, adapter: Path | None, prompts: list[str], tokenizer: Any) -> torch.Tensor:
+    """Reference: a fresh eager model (PeftModel.from_pretrained when ``adapter``), one prompt at a time."""
+    model: Any = AutoModelForCausalLM.from_pretrained(base).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    rows = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([tokenizer.encode(p, add_special_tokens=False)])
+            rows.append(model(input_ids=ids).logits[0, -1].float())
+    return torch.stack(rows)  # [B, V]

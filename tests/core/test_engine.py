@@ -1,0 +1,142 @@
+"""The compiled two-slot engine against eager PEFT, and its serving behaviour."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hotswap_core.generation import GenerationRequest, SamplingParams
+from hotswap_core.history import History
+from hotswap_core.slots import BASE_VERSION
+from hotswap_core.swap import Swapper
+
+from .factory import eager_last_logits, make_adapter
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Hello =>", "a", "The quick brown fox jumps over the lazy dog =>", "日本語 ok =>"]
+# fp32 on CPU: compiled (inductor) vs eager kernels, padded rank vs exact rank, left padding.
+ATOL, RTOL = 2e-4, 1e-4
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "r1": dict(r=1, alpha=1, targets=ALL),
+    "r2_alpha7": dict(r=2, alpha=7, targets=ALL),
+    "r3_subset": dict(r=3, alpha=6, targets=["q_proj", "v_proj"]),
+    "r5_mlp_only": dict(r=5, alpha=2.5, targets=["gate_proj", "up_proj", "down_proj"]),
+    "r8_full": dict(r=8, alpha=32, targets=ALL),
+    "r6_rslora": dict(r=6, alpha=12, targets=ALL, use_rslora=True),
+    "patterns": dict(r=8, alpha=16, targets=ALL, rank_pattern={"down_proj": 2, "layers.1.self_attn.q_proj": 4},
+                     alpha_pattern={"o_proj": 3, "up_proj": 40}),
+    "patterns_rslora": dict(r=4, alpha=8, targets=["q_proj", "o_proj", "up_proj"], use_rslora=True,
+                            rank_pattern={"o_proj": 7}, alpha_pattern={"q_proj": 1}),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_assets: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_assets.base)
+
+
+@pytest.fixture(scope="module")
+def adapters(demo_assets: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("equiv")
+    return {name: make_adapter(demo_assets.base, root / name, seed=i, **kw) for i, (name, kw) in enumerate(VARIANTS.items())}
+
+
+def test_zero_slot_is_exactly_the_base_model(engine: Any, demo_assets: Any, tokenizer: Any) -> None:
+    engine.slots.stage(engine.slots.standby, BASE_VERSION, {}, {})
+    got = engine.last_logits(PROMPTS, slot=engine.slots.standby)
+    want = eager_last_logits(demo_assets.base, None, PROMPTS, tokenizer)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_swapped_adapter_matches_eager_peft(name: str, engine: Any, demo_config: Any, demo_assets: Any,
+                                            adapters: dict[str, Path], tokenizer: Any) -> None:
+    swapper = Swapper(engine, demo_config.validation, History(None))
+    record = swapper.swap(adapters[name])
+    assert record.result == "success", record
+    assert engine.slots.live_version.version == name
+    got = engine.last_logits(PROMPTS)
+    want = eager_last_logits(demo_assets.base, adapters[name], PROMPTS, tokenizer)
+    base = eager_last_logits(demo_assets.base, None, PROMPTS, tokenizer)
+    assert (want - base).abs().max() > 100 * ATOL, "the adapter must change the logits for this test to mean anything"
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_demo_adapters_change_the_answer(engine: Any, demo_config: Any, demo_assets: Any) -> None:
+    swapper = Swapper(engine, demo_config.validation, History(None))
+    for adapter, word in ((demo_assets.alpha, " alpha"), (demo_assets.bravo, " bravo"), (demo_assets.alpha, " alpha")):
+        assert swapper.swap(adapter).result == "success"
+        results = engine.generate(["Hello =>", "Tell me something =>"], SamplingParams(max_tokens=6))
+        assert all(r.text.startswith(word) for r in results), results
+        assert all(r.adapter.version == adapter.name for r in results)
+
+
+def test_batched_requests_match_single_requests(engine: Any) -> None:
+    prompts = ["Hello =>", "abc", "x" * 50, "Zürich =>", "1 2 3 4 5 6 7", "q", "a =>", "longer prompt, still =>"]
+    single = [engine.generate([p], SamplingParams(max_tokens=8))[0].text for p in prompts]
+    futures = [engine.submit(GenerationRequest(p, SamplingParams(max_tokens=8))) for p in prompts]
+    batched = [f.result(60).text for f in futures]
+    assert batched == single
+
+
+def test_sampling_is_seeded_and_bounded(engine: Any) -> None:
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    a, b = (engine.generate(["Hello =>"], params)[0] for _ in range(2))
+    assert a.token_ids == b.token_ids
+    other = engine.generate(["Hello =>"], SamplingParams(max_tokens=12, temperature=1.0, seed=8))[0]
+    assert other.token_ids != a.token_ids
+    assert a.completion_tokens <= 12
+
+
+def test_stop_strings_and_streaming(engine: Any) -> None:
+    full = engine.generate(["Hello =>"], SamplingParams(max_tokens=10))[0]
+    assert len(full.text) > 3
+    stop = full.text[2:4]
+    chunks: list[str] = []
+    req = GenerationRequest("Hello =>", SamplingParams(max_tokens=10, stop=(stop,)), on_text=chunks.append)
+    res = engine.submit(req).result(60)
+    assert res.finish_reason == "stop"
+    assert res.text == full.text[: full.text.index(stop)]
+    assert "".join(chunks) == res.text  # the stream never shows the stop string, nor anything after it
+
+
+def test_max_seq_len_is_enforced(engine: Any) -> None:
+    fut = engine.submit(GenerationRequest("x" * 250, SamplingParams(max_tokens=50)))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        fut.result(30)
+    assert engine.generate(["still serving =>"], SamplingParams(max_tokens=2))[0].completion_tokens >= 1
+
+
+def test_cancelled_requests(engine: Any) -> None:
+    before = GenerationRequest("Hello", SamplingParams(max_tokens=200))
+    before.cancelled.set()
+    concurrent.futures.wait([engine.submit(before)], timeout=30)
+    assert before.future.cancelled()
+
+    during = GenerationRequest("Hello", SamplingParams(max_tokens=200, temperature=1.0, seed=1))
+    during.on_text = lambda _text: during.cancelled.set()  # the client disconnects after the first chunk
+    res = engine.submit(during).result(60)
+    assert res.finish_reason == "cancelled"
+    assert res.completion_tokens < 20
+
+
+def test_serving_runs_the_compiled_graph(engine: Any) -> None:
+    """fail_on_recompile makes any request that would compile (or fall back to eager) raise."""
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        for bsz, length in ((1, 2), (3, 17), (8, 200), (5, 90)):
+            futures = [engine.submit(GenerationRequest("y" * (length - i), SamplingParams(max_tokens=4)))
+                       for i in range(bsz)]
+            assert all(f.result(60).finish_reason in ("stop", "length") for f in futures)
+    finally:
+        torch.compiler.set_stance("default")
+    assert engine.recompilations == 0
