@@ -3,7 +3,7 @@
 Two steps, so a swap can refuse a bad candidate before it touches tensor data:
 
 * ``inspect_adapter`` reads ``adapter_config.json`` and the safetensors *header* (keys, dtypes, shapes,
-  offsets) and streams the weights once for the sha256;
+  offsets; see ``hotswap_core.safetensors_header``) and streams the weights once for the sha256;
 * ``load_adapter`` reads the weights into host memory, proves they are the bytes that were inspected
   (same sha256) and checks that every value is finite.
 
@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
 import pickle
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -33,6 +31,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from hotswap_core.config import ValidationConfig
 from hotswap_core.errors import AdapterRejected
 from hotswap_core.layout import Layout, module_name_from_key
+from hotswap_core.safetensors_header import SafetensorsEntry, read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,12 +54,11 @@ REASONS: dict[str, str] = {
     "missing_weights": "the adapter holds no weights, or a module has lora_A without lora_B (or the reverse)",
     "changed": "the files changed between inspection and loading",
     "unreadable": "a file exists but cannot be read (permissions, I/O error)",
+    "empty_output": "a smoke prompt produced no text on the staged adapter",
 }
 
-# Bytes per element of every safetensors dtype, to check offsets; only the float ones are accepted as weights.
-# F64 is accepted: staging copy_()s into the slot's dtype anyway, and the finite check runs after that cast.
-_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+# Only float weights are accepted. F64 is accepted: staging copy_()s into the slot's dtype anyway, and the
+# finite check runs after that cast.
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _TORCH_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
@@ -88,8 +86,6 @@ _FEATURE_NAMES = {
 # pissa/olora/corda/loftq/lora-ga rewrite the base weights at init, so the adapter only fits that rewritten base.
 _PLAIN_INITS = ("gaussian", "eva", "orthogonal")  # or a bool
 
-_Entry = tuple[str, tuple[int, ...]]  # (safetensors dtype, shape)
-
 
 @dataclass(frozen=True)
 class FileStamp:
@@ -98,6 +94,10 @@ class FileStamp:
     size: int
     mtime_ns: int
     inode: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 @dataclass(frozen=True)
@@ -155,12 +155,16 @@ def inspect_adapter(
     config = _parse_config(config_bytes, config_path)
     _check_base_model(config, layout, validation, config_path)
     if weights_format == "safetensors":
-        entries, weights_stamp, sha, weights_sha = _scan_safetensors(weights_path, config_bytes, validation)
+        header = read_header(weights_path, validation, hash_prefix=config_bytes)
+        entries, weights_stamp = header.entries, FileStamp.of(header.stat)
+        sha, weights_sha = header.sha256, header.file_sha256
     else:
         data, weights_stamp = _read_file(weights_path, validation.max_adapter_bytes, "max_adapter_bytes")
         sha, weights_sha = _sha256(config_bytes, data), _sha256(data)
         tensors = _unpickle(data, weights_path)
-        entries = {k: (_TORCH_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for k, t in tensors.items()}
+        entries = {
+            k: SafetensorsEntry(_TORCH_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for k, t in tensors.items()
+        }
     return AdapterSpec(
         path=folder,
         version=version or folder.name,
@@ -263,7 +267,9 @@ def _read_file(path: Path, limit: int, limit_name: str, missing: str = "missing_
     """Read a whole file, refusing before reading when fstat says it is over ``limit``."""
     try:
         with open(path, "rb") as f:
-            st = _checked_stat(f.fileno(), path, limit, limit_name)
+            st = os.fstat(f.fileno())
+            if st.st_size > limit:
+                _reject("too_large", path, f"{st.st_size} bytes exceed validation.{limit_name}={limit}")
             data = f.read(st.st_size + 1)  # +1: notice a file that grew
     except FileNotFoundError:
         _reject(missing, path, "no such file")
@@ -271,14 +277,7 @@ def _read_file(path: Path, limit: int, limit_name: str, missing: str = "missing_
         _reject("unreadable", path, exc.strerror or str(exc))
     if len(data) != st.st_size:
         _reject("changed", path, f"size changed while reading ({st.st_size} -> {len(data)} bytes)")
-    return data, FileStamp(st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def _checked_stat(fd: int, path: Path, limit: int, limit_name: str) -> os.stat_result:
-    st = os.fstat(fd)
-    if st.st_size > limit:
-        _reject("too_large", path, f"{st.st_size} bytes exceed validation.{limit_name}={limit}")
-    return st
+    return data, FileStamp.of(st)
 
 
 def _sha256(*parts: bytes) -> str:
@@ -343,76 +342,6 @@ def _check_base_model(config: dict[str, Any], layout: Layout, validation: Valida
         _reject("base_mismatch", path, f"base_model_name_or_path={base!r} is not the served base ({known})")
 
 
-def _scan_safetensors(
-    path: Path, config_bytes: bytes, validation: ValidationConfig
-) -> tuple[dict[str, _Entry], FileStamp, str, str]:
-    """Parse the header and hash the file in one pass over one open file, so both see the same bytes."""
-    combined, alone = hashlib.sha256(config_bytes), hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            st = _checked_stat(f.fileno(), path, validation.max_adapter_bytes, "max_adapter_bytes")
-            if st.st_size < 8:
-                _reject("truncated", path, f"{st.st_size} bytes, shorter than the 8-byte header length")
-            prefix = f.read(8)
-            (header_len,) = struct.unpack("<Q", prefix)  # safetensors: u64 little-endian header length
-            if header_len > validation.max_header_bytes:
-                limit = validation.max_header_bytes
-                _reject("too_large", path, f"header of {header_len} bytes exceeds validation.max_header_bytes={limit}")
-            if 8 + header_len > st.st_size:
-                _reject("truncated", path, f"header of {header_len} bytes, but the file is {st.st_size} bytes")
-            header = f.read(header_len)
-            read = 0
-            for chunk in itertools.chain((prefix, header), iter(lambda: f.read(1 << 20), b"")):
-                combined.update(chunk)
-                alone.update(chunk)
-                read += len(chunk)
-    except OSError as exc:
-        _reject("unreadable", path, exc.strerror or str(exc))
-    if read != st.st_size:
-        _reject("changed", path, f"size changed while reading ({st.st_size} -> {read} bytes)")
-    entries = _parse_header(header, st.st_size - 8 - header_len, path)
-    return entries, FileStamp(st.st_size, st.st_mtime_ns, st.st_ino), combined.hexdigest(), alone.hexdigest()
-
-
-def _parse_header(raw: bytes, data_len: int, path: Path) -> dict[str, _Entry]:
-    """Validate every header entry, and that the tensors tile the data region exactly.
-
-    Tiling also catches a key listed twice: JSON keeps the last, so the other's bytes become a hole.
-    """
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        _reject("malformed", path, f"header is not valid JSON: {exc}")
-    if not isinstance(header, dict):
-        _reject("malformed", path, "header is not a JSON object")
-    header.pop("__metadata__", None)
-    entries: dict[str, _Entry] = {}
-    spans: list[tuple[int, int, str]] = []
-    for key, info in header.items():
-        fields: dict[str, Any] = info if isinstance(info, dict) else {}
-        dtype, shape, offsets = fields.get("dtype"), fields.get("shape", ()), fields.get("data_offsets", ())
-        shape_ok = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
-        offsets_ok = isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
-        if dtype not in _DTYPE_SIZES or not shape_ok or not offsets_ok:
-            _reject("malformed", path, f"header entry {key!r} is not {{dtype, shape, data_offsets}}: {info!r}")
-        nbytes = math.prod(shape) * _DTYPE_SIZES[dtype]
-        if offsets[1] - offsets[0] != nbytes:
-            _reject("malformed", path, f"{key}: {dtype}{shape} is {nbytes} bytes, data_offsets {offsets} disagree")
-        entries[key] = (dtype, tuple(shape))
-        spans.append((offsets[0], offsets[1], key))
-    end = 0
-    for start, stop, key in sorted(spans):
-        if start != end:
-            gap = "a hole" if start > end else "an overlap"
-            _reject("malformed", path, f"{key} starts at data offset {start}: {gap} after offset {end}")
-        end = stop
-    if end > data_len:
-        _reject("truncated", path, f"the header needs {end} data bytes, the file holds {data_len}")
-    if end < data_len:
-        _reject("malformed", path, f"{data_len - end} trailing bytes after the last tensor")
-    return entries
-
-
 def _unpickle(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     """The allow_pickle path: torch's weights-only unpickler, which builds tensors and nothing else."""
     try:
@@ -446,7 +375,7 @@ def _foreign_key_problem(key: str) -> tuple[str, str]:
 
 
 def _match_layout(
-    entries: dict[str, _Entry], config: dict[str, Any], layout: Layout, path: Path
+    entries: dict[str, SafetensorsEntry], config: dict[str, Any], layout: Layout, path: Path
 ) -> dict[str, ModuleSpec]:
     """Pair lora_A/lora_B per module and check them against the layout and the configured ranks."""
     pairs: dict[str, dict[str, str]] = {}

@@ -145,7 +145,7 @@ def _describe(value: Any) -> str:
 def _build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     """Convert ``value`` to the annotated type ``tp``, appending ``key: message`` on mismatch."""
     where = key or "<top level>"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {_describe(value)}")
             return tp()

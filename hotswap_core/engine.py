@@ -95,7 +95,7 @@ class Engine:
             base = AutoModelForCausalLM.from_pretrained(m.path, dtype=self.dtype, **kw)
         except (OSError, ValueError) as exc:
             raise EngineError(f"cannot load model {m.path!r}: {exc}") from exc
-        base.to(self.device).eval()
+        base = base.to(self.device).eval()  # type: ignore[arg-type]  # transformers' stub wants a model
         self.model_config = base.config
         eos = base.generation_config.eos_token_id if base.generation_config is not None else None
         eos = eos if eos is not None else self.tokenizer.eos_token_id
@@ -114,7 +114,7 @@ class Engine:
         self.slots = SlotBank(peft_model, self.layout, self.device, self.dtype)
         peft_model.eval()
         # Compile the transformers model itself: PeftModel's wrapper adds Python glue, no math.
-        self.model = peft_model.base_model.model
+        self.model: torch.nn.Module = peft_model.base_model.model  # type: ignore[assignment]
         self._forward = self._compile(self.model)
 
     def _compile(self, model: torch.nn.Module) -> Callable[..., Any]:

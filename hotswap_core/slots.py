@@ -52,6 +52,7 @@ class SlotLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [2, out, in]
+        self.slot: torch.Tensor
         self.register_buffer("slot", slot, persistent=False)  # [1] long, shared by every module
         self.scale: torch.Tensor | None
         if scale is not None:

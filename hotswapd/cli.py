@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,10 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Our own log lines and output only: no download/loading progress bars, no deprecation chatter."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    _quiet_libraries()
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         if args.verb == "check-config":
             return _check_config(args.config)
@@ -92,16 +104,24 @@ def _validate(adapter_dir: str, config_path: str, as_json: bool) -> int:
         return EXIT_REJECTED
     ranks = sorted({m.rank for m in spec.modules.values()})
     report = {
-        "adapter": adapter_dir, "valid": True, "version": spec.version, "sha256": spec.sha256,
-        "size_bytes": spec.size_bytes, "base_model": spec.base_model,
-        "modules": len(spec.modules), "layout_modules": len(layout.modules), "ranks": ranks,
+        "adapter": adapter_dir,
+        "valid": True,
+        "version": spec.version,
+        "sha256": spec.sha256,
+        "size_bytes": spec.size_bytes,
+        "base_model": spec.base_model,
+        "modules": len(spec.modules),
+        "layout_modules": len(layout.modules),
+        "ranks": ranks,
     }
     if as_json:
         print(json.dumps(report))
     else:
-        print(f"VALID {adapter_dir}\n  version: {spec.version}\n  sha256:  {spec.sha256}\n"
-              f"  targets: {len(spec.modules)} of {len(layout.modules)} layout modules, ranks {ranks}"
-              f" (target_rank {layout.target_rank})\n  base:    {spec.base_model}\n  size:    {spec.size_bytes} bytes")
+        print(
+            f"VALID {adapter_dir}\n  version: {spec.version}\n  sha256:  {spec.sha256}\n"
+            f"  targets: {len(spec.modules)} of {len(layout.modules)} layout modules, ranks {ranks}"
+            f" (target_rank {layout.target_rank})\n  base:    {spec.base_model}\n  size:    {spec.size_bytes} bytes"
+        )
     return EXIT_OK
 
 
@@ -140,8 +160,10 @@ def _demo_swap(config_path: Path, bravo: Path) -> int:
         for step in ("initial", "swap", "rollback"):
             if step == "swap":
                 rec = swapper.swap(bravo)
-                print(f"swapped in {rec.version}: {rec.result}, stall {1e6 * (rec.stall_s or 0):.0f} us, "
-                      + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in rec.phases.items()))
+                print(
+                    f"swapped in {rec.version}: {rec.result}, stall {1e6 * (rec.stall_s or 0):.0f} us, "
+                    + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in rec.phases.items())
+                )
             elif step == "rollback":
                 rec = swapper.rollback()
                 print(f"rolled back to {rec.version}")

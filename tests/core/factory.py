@@ -10,11 +10,21 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 
-def make_adapter(base: Path, out: Path, *, r: int, alpha: float, targets: list[str], seed: int = 0,
-                 std: float = 0.15, **lora_kwargs: Any) -> Path:
+def make_adapter(
+    base: Path,
+    out: Path,
+    *,
+    r: int,
+    alpha: float,
+    targets: list[str],
+    seed: int = 0,
+    std: float = 0.15,
+    **lora_kwargs: Any,
+) -> Path:
     model = AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                  lora_dropout=0.0, **lora_kwargs))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, **lora_kwargs)
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

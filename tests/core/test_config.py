@@ -20,7 +20,9 @@ def with_(overrides: dict, base: dict | None = None) -> dict:
     """Deep-merge ``overrides`` into a copy of ``base`` (MINIMAL by default)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (base or MINIMAL).items()}
     for key, value in overrides.items():
-        out[key] = with_(value, out.get(key, {})) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            with_(value, out.get(key, {})) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -98,8 +100,9 @@ def test_hub_id_is_not_treated_as_a_path(tmp_path: Path) -> None:
 
 
 def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hotswapd.cli", "check-config", str(path)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "hotswapd.cli", "check-config", str(path)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_check_config_cli(tmp_path: Path) -> None:
@@ -108,8 +111,10 @@ def test_check_config_cli(tmp_path: Path) -> None:
     out = _check_config(good)
     assert out.returncode == 0 and out.stdout.startswith("OK"), out
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {path: org/model}\nadapter: {target_modules: [q_proj]}\n"
-                   "source: {directory: {path: x, settle_seconds: soon}}\n")
+    bad.write_text(
+        "model: {path: org/model}\nadapter: {target_modules: [q_proj]}\n"
+        "source: {directory: {path: x, settle_seconds: soon}}\n"
+    )
     out = _check_config(bad)
     assert out.returncode == 2
     assert "source.directory.settle_seconds: expected a number, got 'soon'" in out.stdout

@@ -30,10 +30,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "r5_mlp_only": dict(r=5, alpha=2.5, targets=["gate_proj", "up_proj", "down_proj"]),
     "r8_full": dict(r=8, alpha=32, targets=ALL),
     "r6_rslora": dict(r=6, alpha=12, targets=ALL, use_rslora=True),
-    "patterns": dict(r=8, alpha=16, targets=ALL, rank_pattern={"down_proj": 2, "layers.1.self_attn.q_proj": 4},
-                     alpha_pattern={"o_proj": 3, "up_proj": 40}),
-    "patterns_rslora": dict(r=4, alpha=8, targets=["q_proj", "o_proj", "up_proj"], use_rslora=True,
-                            rank_pattern={"o_proj": 7}, alpha_pattern={"q_proj": 1}),
+    "patterns": dict(
+        r=8,
+        alpha=16,
+        targets=ALL,
+        rank_pattern={"down_proj": 2, "layers.1.self_attn.q_proj": 4},
+        alpha_pattern={"o_proj": 3, "up_proj": 40},
+    ),
+    "patterns_rslora": dict(
+        r=4,
+        alpha=8,
+        targets=["q_proj", "o_proj", "up_proj"],
+        use_rslora=True,
+        rank_pattern={"o_proj": 7},
+        alpha_pattern={"q_proj": 1},
+    ),
 }
 
 
@@ -47,7 +58,9 @@ def tokenizer(demo_assets: Any) -> Any:
 @pytest.fixture(scope="module")
 def adapters(demo_assets: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("equiv")
-    return {name: make_adapter(demo_assets.base, root / name, seed=i, **kw) for i, (name, kw) in enumerate(VARIANTS.items())}
+    return {
+        name: make_adapter(demo_assets.base, root / name, seed=i, **kw) for i, (name, kw) in enumerate(VARIANTS.items())
+    }
 
 
 def test_zero_slot_is_exactly_the_base_model(engine: Any, demo_assets: Any, tokenizer: Any) -> None:
@@ -58,8 +71,9 @@ def test_zero_slot_is_exactly_the_base_model(engine: Any, demo_assets: Any, toke
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_swapped_adapter_matches_eager_peft(name: str, engine: Any, demo_config: Any, demo_assets: Any,
-                                            adapters: dict[str, Path], tokenizer: Any) -> None:
+def test_swapped_adapter_matches_eager_peft(
+    name: str, engine: Any, demo_config: Any, demo_assets: Any, adapters: dict[str, Path], tokenizer: Any
+) -> None:
     swapper = Swapper(engine, demo_config.validation, History(None))
     record = swapper.swap(adapters[name])
     assert record.result == "success", record
@@ -134,8 +148,9 @@ def test_serving_runs_the_compiled_graph(engine: Any) -> None:
     torch.compiler.set_stance("fail_on_recompile")
     try:
         for bsz, length in ((1, 2), (3, 17), (8, 200), (5, 90)):
-            futures = [engine.submit(GenerationRequest("y" * (length - i), SamplingParams(max_tokens=4)))
-                       for i in range(bsz)]
+            futures = [
+                engine.submit(GenerationRequest("y" * (length - i), SamplingParams(max_tokens=4))) for i in range(bsz)
+            ]
             assert all(f.result(60).finish_reason in ("stop", "length") for f in futures)
     finally:
         torch.compiler.set_stance("default")
