@@ -252,6 +252,8 @@ def _find_weights(folder: Path, validation: ValidationConfig) -> tuple[Path, Lit
     """Pick the weights file. Pickle files are only listed here, never opened."""
     if (folder / WEIGHTS_NAME).is_file():
         return folder / WEIGHTS_NAME, "safetensors"
+    if (folder / WEIGHTS_NAME).exists():
+        _reject("unreadable", folder / WEIGHTS_NAME, "exists but is not a regular file")
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
     if not pickles:
         _reject("missing_file", folder / WEIGHTS_NAME, "no such file")
