@@ -70,68 +70,44 @@ class Swapper:
             if seen_at is not None:
                 timer.phases["detect"] = max(0.0, time.monotonic() - seen_at)
             spec: AdapterSpec | None = None
+
+            def outcome(
+                result: str, reason: str | None = None, message: str | None = None, stall: float | None = None
+            ) -> SwapRecord:
+                name = spec.version if spec else (version or Path(path).name)
+                sha = spec.sha256 if spec else None
+                return self._finish(
+                    SwapRecord(
+                        name,
+                        sha,
+                        source,
+                        path,
+                        result,
+                        reason,
+                        message,
+                        timer.phases,
+                        stall_s=stall,
+                        started_at=started,
+                    )
+                )
+
             try:
                 with timer.phase("validate"):
                     spec = inspect_adapter(path, self.engine.layout, self.validation, version=version)
                 if spec.sha256 == self.live.sha256:
-                    return self._finish(
-                        SwapRecord(
-                            spec.version,
-                            spec.sha256,
-                            source,
-                            path,
-                            "unchanged",
-                            phases=timer.phases,
-                            started_at=started,
-                        )
-                    )
+                    return outcome("unchanged")
                 target = AdapterVersion(spec.version, spec.sha256, source, str(spec.path))
                 with timer.phase("load"):
                     weights = load_adapter(spec, self.validation)
                 stall = self._stage_verify_commit(target, spec, weights, timer)
             except AdapterRejected as exc:
                 self.history.reject(path, fingerprint(path), exc.reason, exc.message)
-                return self._finish(
-                    SwapRecord(
-                        spec.version if spec else (version or Path(path).name),
-                        spec.sha256 if spec else None,
-                        source,
-                        path,
-                        "rejected",
-                        exc.reason,
-                        exc.message,
-                        timer.phases,
-                        started_at=started,
-                    )
-                )
+                return outcome("rejected", exc.reason, exc.message)
             except Exception as exc:  # anything else is a failed transaction, never a dead daemon
                 log.exception("swap of %s failed in phase %s", path, timer.current)
-                return self._finish(
-                    SwapRecord(
-                        spec.version if spec else (version or Path(path).name),
-                        spec.sha256 if spec else None,
-                        source,
-                        path,
-                        "failed",
-                        f"{timer.current}_failed",
-                        str(exc),
-                        timer.phases,
-                        started_at=started,
-                    )
-                )
+                return outcome("failed", f"{timer.current}_failed", str(exc))
             self.history.committed(target)
-            return self._finish(
-                SwapRecord(
-                    target.version,
-                    target.sha256,
-                    source,
-                    path,
-                    "success",
-                    phases=timer.phases,
-                    stall_s=stall,
-                    started_at=started,
-                )
-            )
+            return outcome("success", stall=stall)
 
     def rollback(self) -> SwapRecord:
         """Make the previously committed version live again; it sticks across restarts."""
