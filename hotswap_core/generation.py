@@ -5,6 +5,7 @@ The engine's worker owns the model; everything here is plain host-side bookkeepi
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from hotswap_core.slots import AdapterVersion
+
+log = logging.getLogger("hotswapd.engine")
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,12 @@ class RowState:
             while end > self._emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
         if end > self._emitted:
-            self.request.on_text(self.text[self._emitted : end])
+            try:
+                self.request.on_text(self.text[self._emitted : end])
+            except Exception:
+                # A broken consumer (a stream whose client is gone) cancels its own row, never the batch.
+                log.warning("streaming callback failed; cancelling that request", exc_info=True)
+                self.request.cancelled.set()
             self._emitted = end
 
 

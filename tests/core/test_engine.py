@@ -155,3 +155,15 @@ def test_serving_runs_the_compiled_graph(engine: Any) -> None:
     finally:
         torch.compiler.set_stance("default")
     assert engine.recompilations == 0
+
+
+def test_a_failing_stream_consumer_cancels_only_its_own_request(engine: Any) -> None:
+    def broken(_text: str) -> None:
+        raise BrokenPipeError("client went away")
+
+    bad = GenerationRequest("Hello =>", SamplingParams(max_tokens=30, temperature=1.0, seed=3), on_text=broken)
+    good = GenerationRequest("Hello =>", SamplingParams(max_tokens=5))
+    engine.submit(bad)
+    engine.submit(good)
+    assert bad.future.result(60).finish_reason == "cancelled"
+    assert good.future.result(60).finish_reason in ("stop", "length")
