@@ -136,6 +136,11 @@ class AdapterSpec:
     config_stamp: FileStamp
     weights_stamp: FileStamp
 
+    @property
+    def scalings(self) -> dict[str, float]:
+        """Module name -> LoRA scaling (``rank_pattern``/``alpha_pattern``/``use_rslora`` applied)."""
+        return {name: m.scaling for name, m in self.modules.items()}
+
 
 def inspect_adapter(
     path: str | os.PathLike[str], layout: Layout, validation: ValidationConfig, *, version: str | None = None

@@ -79,7 +79,6 @@ class Engine:
         self._control: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.batches_run = 0
 
     # ---- load and compile -------------------------------------------------------------------
     def load(self) -> None:
@@ -285,7 +284,6 @@ class Engine:
                 if not row.request.future.done():
                     row.request.future.set_exception(EngineError(f"generation failed: {exc}"))
             return
-        self.batches_run += 1
         for row in rows:
             ttft = (row.first_token_at or start) - row.request.created_at
             row.request.future.set_result(

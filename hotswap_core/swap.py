@@ -26,8 +26,6 @@ from hotswap_core.slots import AdapterVersion
 
 log = logging.getLogger("hotswapd.swap")
 
-PHASES = ("detect", "validate", "load", "stage", "verify", "commit")
-
 
 class _Timer:
     def __init__(self) -> None:
@@ -141,19 +139,11 @@ class Swapper:
                 )
             )
 
-    def restore(self, target: AdapterVersion) -> SwapRecord:
-        """Make ``target`` live from its recorded files (used at start-up for the last committed version)."""
-        if target.is_base:
-            return SwapRecord(target.version, target.sha256, target.source, None, "unchanged")
-        assert target.path is not None
-        return self.swap(target.path, version=target.version, source=target.source)
-
     # ---- phases -----------------------------------------------------------------------------
     def _stage_verify_commit(self, target: AdapterVersion, spec: AdapterSpec, weights: dict, timer: _Timer) -> float:
         slots = self.engine.slots
-        scalings = {name: m.scaling for name, m in spec.modules.items()}
         with timer.phase("stage"):
-            slots.stage(slots.standby, target, weights, scalings)
+            slots.stage(slots.standby, target, weights, spec.scalings)
         if self.validation.smoke_prompts:
             with timer.phase("verify"):
                 self._verify(spec)
@@ -189,7 +179,7 @@ class Swapper:
             raise AdapterRejected("changed", f"{version.path} no longer holds version {version.version}")
         with timer.phase("load"):
             weights = load_adapter(spec, self.validation)
-        return weights, {name: m.scaling for name, m in spec.modules.items()}
+        return weights, spec.scalings
 
     def _finish(self, record: SwapRecord) -> SwapRecord:
         self.history.add(record)
