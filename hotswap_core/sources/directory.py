@@ -1,0 +1,404 @@
+"""Directory source: notices adapter versions landing in a watched folder and offers the newest one.
+
+The folder holds one subfolder per version; dot-entries are ignored (producers stage there and
+``rename()`` in). If it holds a ``current`` symlink (git-sync or Kubernetes ``..data`` style, flipped
+by renaming a new symlink over it), only its target is a candidate. Symlinks are resolved; one whose
+target is outside the folder is never offered. Nothing is ever written there.
+
+Events are hints: one makes the source look (at most every ``settle_seconds / 2``); a periodic look
+every ``rescan_seconds`` catches lost ones. A folder's content is its ``history.fingerprint``; it has
+*settled* once two looks ``settle_seconds`` apart saw the same one.
+
+**Offering rule.** A settled folder is sorted, from headers and sizes only (sha256 only for a marker
+that carries one), into:
+
+* *complete*: ``adapter_config.json`` is a JSON object, the ``adapter_model.safetensors`` header
+  parses and its offsets cover the file exactly, and the ``marker`` (if configured) is there and
+  matches that file's sha256 if it holds a digest. Offered.
+* *arriving*, what a copy in progress looks like, never offered however long it stays so: the
+  marker is configured and absent (or its digest does not match yet); the config or the weights
+  (safetensors or any pickle) are not there yet; or the safetensors file is shorter than its header says.
+* *broken*: anything else (config not JSON, header malformed or with trailing bytes, pickle-only
+  weights). Offered, so that the swap rejects it with a reason code and records it.
+
+Per look the newest offerable folder wins (newest: content first seen last; ties, as among what the
+first look finds, go to the later ``max(st_mtime, st_ctime)``) and all older ones are passed over for
+good; while a newer folder is still settling, they all wait. A winner already offered, or refused by
+``skip``, is not offered, and older ones are still passed over: a live version that ``skip`` refuses
+never lets an older one become live at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from hotswap_core.adapters import _PICKLE_SUFFIXES, CONFIG_NAME, WEIGHTS_NAME
+from hotswap_core.config import DirectorySourceConfig, ValidationConfig
+from hotswap_core.errors import AdapterRejected
+from hotswap_core.history import fingerprint
+from hotswap_core.safetensors_header import parse_header
+
+log = logging.getLogger("hotswapd.source.directory")
+
+CURRENT_NAME = "current"
+_MISSING_CHECK_S = 1.0  # how often a missing watched folder (or an unarmed observer) is retried
+_MAX_HEADER = ValidationConfig().max_header_bytes
+_DIGEST = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})\b")
+# watchdog event type -> kind counted; "closed" (a write finished) is only a hint. Our own reads
+# (opened, closed_no_write) must be neither, or every look would trigger the next one.
+_EVENTS = {"created": "created", "modified": "modified", "attrib": "modified", "deleted": "deleted",
+           "moved": "moved", "closed": None}  # fmt: skip
+State = Literal["complete", "arriving", "broken"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A version folder worth a swap. ``seen_at`` is ``time.monotonic()`` when this content was first noticed."""
+
+    path: Path  # resolved folder (for ``current``: its target)
+    version: str  # the resolved folder's name
+    seen_at: float
+    fingerprint: str
+
+
+@dataclass
+class _Track:
+    candidate: Candidate
+    observed: float  # monotonic time of the first look that saw this fingerprint
+    arrival: float  # max(st_mtime, st_ctime): the tie-break between folders first seen together
+    logged: bool = False  # "looks unfinished" said once per content
+
+    def newness(self) -> tuple[float, float, str]:
+        return self.candidate.seen_at, self.arrival, self.candidate.version
+
+
+class DirectorySource:
+    """Watches ``config.path`` and calls ``on_candidate`` (serially, from its own thread) with new versions.
+
+    ``skip(candidate)`` vetoes an offer (already live, rejected before with this content).
+    ``on_event(kind)`` counts: created, modified, deleted, moved, rescan, missing.
+    """
+
+    def __init__(
+        self,
+        config: DirectorySourceConfig,
+        on_candidate: Callable[[Candidate], None],
+        *,
+        skip: Callable[[Candidate], bool] = lambda c: False,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._on_candidate, self._skip, self._on_event = on_candidate, skip, on_event or (lambda kind: None)
+        self._scan_lock = threading.RLock()  # one look (and its offer) at a time; guards what follows
+        self._tracks: dict[Path, _Track] = {}
+        self._done: set[tuple[Path, str]] = set()  # (path, fingerprint) offered or passed over
+        self._states: dict[tuple[Path, str], tuple[State, str]] = {}
+        self._escapes: set[tuple[str, str]] = set()
+        self._last_offered: Path | None = None
+        self._root_id: tuple[object, ...] | None = None  # () while the watched folder is missing
+        self._observer: BaseObserver | None = None
+        self._armed: tuple[object, ...] | None = None
+        self._lock = threading.Lock()  # the two event fields below, written by the observer thread
+        self._last_scan = -math.inf  # so the first look is due at once
+        self._first_event: float | None = None
+        self._wake, self._stopping = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the timer thread: it looks at once (arming the observer), then on hints, settling and rescans."""
+        if self._thread is None:
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name="hotswapd-source-directory", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the timer thread and the observer and wait for both. Safe to call twice."""
+        thread, self._thread = self._thread, None
+        self._stopping.set()
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._scan_lock:
+            self._disarm()
+
+    def update_config(self, config: DirectorySourceConfig) -> None:
+        """Apply a reloaded config: timings at once; the observer is re-armed if path or polling changed."""
+        with self._scan_lock:
+            if config.marker != self._config.marker:
+                self._states.clear()
+            self._config = config
+        self._hint(None)
+
+    def rescan(self) -> Candidate | None:
+        """Look now, on the caller's thread; offer and return the candidate this look offered, if any."""
+        return self._scan(periodic=True)
+
+    def newest(self) -> Candidate | None:
+        """The newest *complete* candidate now, by ``max(st_mtime, st_ctime)``; not settled, not offered."""
+        with self._scan_lock:
+            found = []
+            for path, arrival in (self._entries(Path(self._config.path)) or {}).items():
+                c = Candidate(path, path.name, time.monotonic(), fingerprint(path))
+                if self._state(c)[0] == "complete":
+                    found.append((arrival, path.name, c))
+            return max(found, key=lambda f: f[:2])[2] if found else None
+
+    def _hint(self, kind: str | None) -> None:
+        """Look soon (called from the observer's thread, or by update_config)."""
+        with self._lock:
+            if self._first_event is None:
+                self._first_event = time.monotonic()
+        self._wake.set()
+        if kind is not None:
+            self._call(self._on_event, kind)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            delay = self._next_due() - time.monotonic()
+            if delay > 0:
+                self._wake.wait(delay)
+                continue
+            try:
+                self._scan(periodic=time.monotonic() >= self._last_scan + self._config.rescan_seconds)
+            except Exception:  # the next look retries; the thread must live on
+                log.exception("looking at %s failed", self._config.path)
+
+    def _next_due(self) -> float:
+        with self._scan_lock:
+            cfg, last = self._config, self._last_scan
+            # A folder first seen since the last look is looked at again once it may have settled.
+            settling = [t.observed + cfg.settle_seconds for t in self._tracks.values()]
+            due = min([last + cfg.rescan_seconds, *(d for d in settling if d > last)])
+            if self._armed is None:  # missing, or the observer could not start
+                due = min(due, last + min(cfg.rescan_seconds, _MISSING_CHECK_S))
+        with self._lock:
+            if self._first_event is not None:
+                due = min(due, max(self._first_event, last + cfg.settle_seconds / 2))
+        return due
+
+    def _scan(self, *, periodic: bool) -> Candidate | None:
+        with self._scan_lock:
+            cfg, now = self._config, time.monotonic()
+            with self._lock:
+                seen_at = self._first_event if self._first_event is not None else now
+                self._first_event, self._last_scan = None, now
+            # One stat per look: inode numbers are reused, so a folder deleted and made again can look
+            # the same to a second stat; but watchdog's emitter stops when its folder is deleted.
+            root, key = Path(cfg.path), self._arm_key()
+            emitters = self._observer.emitters if self._observer is not None else set()
+            root_id, dead = key[:2], not all(e.is_alive() for e in emitters)
+            if root_id != self._root_id or dead:  # gone, back, or replaced: what is in it now is all new
+                if root_id == ():
+                    log.warning("watched folder %s is missing; still serving, looking for it again", root)
+                    self._call(self._on_event, "missing")
+                elif self._root_id == ():
+                    log.info("watched folder %s is back", root)
+                self._root_id, self._last_offered = root_id, None
+                self._tracks.clear()
+                self._done.clear()
+            if self._thread is not None and (self._armed != key or dead):
+                self._arm(root, key)
+            if periodic:
+                self._call(self._on_event, "rescan")
+            entries = self._entries(root)
+            tracks: dict[Path, _Track] = {}
+            for path, arrival in (entries or {}).items():
+                fp, old = fingerprint(path), self._tracks.get(path)
+                if old is not None and old.candidate.fingerprint == fp:
+                    tracks[path] = old
+                elif fp != "unreadable":
+                    tracks[path] = _Track(Candidate(path, path.name, seen_at, fp), now, arrival)
+            self._tracks = tracks
+            keys = {(p, t.candidate.fingerprint) for p, t in tracks.items()}
+            self._done &= keys
+            self._states = {k: v for k, v in self._states.items() if k in keys}
+            if self._last_offered is not None and not self._last_offered.is_dir():
+                log.warning("%s (the last version offered) is gone; nothing older is offered", self._last_offered)
+                self._last_offered = None
+            return self._offer(now)
+
+    def _offer(self, now: float) -> Candidate | None:
+        ready: list[Candidate] = []
+        for t in sorted(self._tracks.values(), key=_Track.newness, reverse=True):
+            c = t.candidate
+            if now < t.observed + self._config.settle_seconds:  # the very sum _next_due waits for
+                if not ready:
+                    return None  # a newer folder is still settling: older ones wait for it
+                continue
+            state, why = self._state(c)
+            if state != "arriving":
+                ready.append(c)
+            elif not t.logged:
+                log.info("%s has settled but looks unfinished (%s); waiting", c.path, why)
+                t.logged = True
+        if not ready:
+            return None
+        winner, fresh = ready[0], (ready[0].path, ready[0].fingerprint) not in self._done
+        self._done.update((c.path, c.fingerprint) for c in ready)
+        if not fresh or self._call(self._skip, winner):
+            return None
+        log.info("offering %s (%s)", winner.version, winner.path)
+        self._last_offered = winner.path
+        self._call(self._on_candidate, winner)
+        return winner
+
+    def _entries(self, root: Path) -> dict[Path, float] | None:
+        """Resolved candidate folders -> arrival time, or None when the watched folder is missing."""
+        try:
+            names = os.listdir(root)
+            real_root = root.resolve(strict=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            log.warning("cannot list %s: %s", root, exc)
+            return {}
+        if (root / CURRENT_NAME).is_symlink():
+            names = [CURRENT_NAME]
+        found: dict[Path, float] = {}
+        escapes: set[tuple[str, str]] = set()
+        for name in names:
+            entry = root / name
+            if name.startswith(".") and name != CURRENT_NAME:
+                continue
+            try:
+                path = entry.resolve(strict=True)
+                st_entry, st_path = entry.lstat(), path.stat()
+            except (OSError, RuntimeError):  # vanished, dangling or looping symlink
+                continue
+            if real_root not in path.parents:
+                escapes.add((name, str(path)))
+                if (name, str(path)) not in self._escapes:
+                    log.warning("%s points outside the watched folder (to %s); it will never be offered", entry, path)
+            elif path.is_dir():
+                found[path] = max(st_entry.st_mtime, st_entry.st_ctime, st_path.st_mtime, st_path.st_ctime)
+        self._escapes = escapes
+        return found
+
+    def _state(self, c: Candidate) -> tuple[State, str]:
+        key = (c.path, c.fingerprint)
+        if key not in self._states:
+            try:
+                self._states[key] = _classify(c.path, self._config.marker)
+            except OSError as exc:  # vanished or unreadable: not cached, the next look tries again
+                return "arriving", str(exc)
+        return self._states[key]
+
+    def _arm_key(self) -> tuple[object, ...]:
+        """What the observer watches: the folder's identity, and how. () while it is missing."""
+        cfg = self._config
+        try:
+            st = os.stat(cfg.path)
+        except OSError:
+            return ()
+        return st.st_dev, st.st_ino, cfg.path, cfg.polling, cfg.rescan_seconds if cfg.polling else None
+
+    def _arm(self, root: Path, key: tuple[object, ...]) -> None:
+        self._disarm()
+        if not key:
+            return
+        # With polling the periodic look does the work; the observer adds hints at the same pace.
+        observer = PollingObserver(timeout=self._config.rescan_seconds) if self._config.polling else Observer()
+        try:
+            observer.schedule(_Hints(self._hint), str(root), recursive=True)
+            observer.start()
+        except OSError as exc:
+            log.warning("cannot watch %s (%s); relying on rescans until it can", root, exc)
+            return
+        self._observer, self._armed = observer, key
+
+    def _disarm(self) -> None:
+        observer, self._observer, self._armed = self._observer, None, None
+        if observer is not None:
+            observer.stop()
+            if observer.is_alive():
+                observer.join()
+
+    @staticmethod
+    def _call(fn: Callable[[Any], object], arg: object) -> Any:
+        """Call back into the daemon; what it raises is logged, never kills the source's thread."""
+        try:
+            return fn(arg)
+        except Exception:
+            log.exception("%s(%r) raised; the source carries on", getattr(fn, "__name__", fn), arg)
+            return None
+
+
+class _Hints(FileSystemEventHandler):
+    def __init__(self, hint: Callable[[str | None], None]) -> None:
+        self._hint = hint
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in _EVENTS:
+            self._hint(_EVENTS[event.event_type])
+
+
+def _classify(folder: Path, marker: str | None) -> tuple[State, str]:
+    """complete / arriving / broken (see the module docstring), and why. OSError: look again later."""
+    weights = folder / WEIGHTS_NAME
+    if marker and not (folder / marker).is_file():
+        return "arriving", f"no marker file {marker}"
+    has_pickle = any(p.suffix in _PICKLE_SUFFIXES and p.is_file() for p in folder.iterdir())
+    if not weights.is_file() and not has_pickle:
+        return "arriving", f"no {WEIGHTS_NAME} yet"
+    if not (folder / CONFIG_NAME).is_file():
+        return "arriving", f"no {CONFIG_NAME} yet"
+    weights_state, why = _check_weights(weights) if weights.is_file() else ("broken", "pickle weights only")
+    if weights_state == "arriving":
+        return "arriving", why
+    if marker and weights_state == "complete":
+        expected = _DIGEST.match((folder / marker).read_bytes()[:200].decode("ascii", "replace").strip())
+        if expected and expected.group(1).lower() != _sha256(weights):
+            return "arriving", f"{WEIGHTS_NAME} does not match the sha256 in {marker} yet"
+    try:
+        with open(folder / CONFIG_NAME, "rb") as f:
+            config = json.loads(f.read(_MAX_HEADER + 1))
+    except (ValueError, RecursionError) as exc:
+        return "broken", f"{CONFIG_NAME}: {exc}"
+    if not isinstance(config, dict):
+        return "broken", f"{CONFIG_NAME} is not a JSON object"
+    return weights_state, why
+
+
+def _check_weights(path: Path) -> tuple[State, str]:
+    """Read only the safetensors header: shorter than it says is still arriving, otherwise wrong is broken."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            return "arriving", f"{path.name} has {size} bytes"
+        (header_len,) = struct.unpack("<Q", f.read(8))  # u64 little-endian header length
+        if header_len > _MAX_HEADER:
+            return "broken", f"{path.name} header of {header_len} bytes"
+        if 8 + header_len > size:
+            return "arriving", f"{path.name} is shorter than its header"
+        raw = f.read(header_len)
+    try:
+        parse_header(raw, size - 8 - header_len, path)
+    except AdapterRejected as exc:
+        return ("arriving" if exc.reason == "truncated" else "broken"), exc.message
+    return "complete", ""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,406 @@
+"""DirectorySource against real folders, real watchdog observers and real threads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from watchdog.observers.polling import PollingObserver
+
+from hotswap_core.adapters import CONFIG_NAME, WEIGHTS_NAME
+from hotswap_core.config import DirectorySourceConfig
+from hotswap_core.history import fingerprint
+from hotswap_core.sources.directory import Candidate, DirectorySource
+
+SETTLE = 0.2
+QUIET = 3 * SETTLE  # long enough for anything that was going to be offered to have been
+
+# watchdog's inotify emitter warns when a new subfolder's watch is added twice (its own race); harmless.
+pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
+
+
+def write_adapter(folder: Path, *, seed: int = 0, config: bool = True, weights: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if config:
+        (folder / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    if weights:
+        # a few KiB of data, so that half the file holds the whole header
+        tensors = {"a": torch.full((64, 8), float(seed)), "b": torch.arange(3.0) + seed}
+        save_file(tensors, str(folder / WEIGHTS_NAME))
+    return folder
+
+
+class Recorder:
+    """on_candidate / on_event sink that tests can wait on."""
+
+    def __init__(self) -> None:
+        self.offers: list[tuple[Candidate, float]] = []
+        self.events: list[str] = []
+        self._cond = threading.Condition()
+
+    def offer(self, c: Candidate) -> None:
+        with self._cond:
+            self.offers.append((c, time.monotonic()))
+            self._cond.notify_all()
+
+    def event(self, kind: str) -> None:
+        with self._cond:
+            self.events.append(kind)
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[], object], timeout: float = 5.0) -> bool:
+        with self._cond:
+            return bool(self._cond.wait_for(pred, timeout))
+
+    def versions(self) -> list[str]:
+        return [c.version for c, _ in self.offers]
+
+    def quiet(self, n: int) -> bool:
+        """True if no offer beyond the first ``n`` comes within QUIET."""
+        return not self.wait_for(lambda: len(self.offers) > n, QUIET)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "watch"
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def make_source(root: Path, rec: Recorder) -> Iterator[Callable[..., DirectorySource]]:
+    sources: list[DirectorySource] = []
+
+    def make(
+        start: bool = True,
+        skip: Callable[[Candidate], bool] = lambda c: False,
+        on_candidate: Callable[[Candidate], None] = rec.offer,
+        on_event: Callable[[str], None] = rec.event,
+        **cfg: object,
+    ) -> DirectorySource:
+        config = DirectorySourceConfig(**{"path": str(root), "settle_seconds": SETTLE, "rescan_seconds": 30.0, **cfg})  # type: ignore[arg-type]
+        src = DirectorySource(config, on_candidate, skip=skip, on_event=on_event)
+        sources.append(src)
+        if start:
+            src.start()
+        return src
+
+    yield make
+    for src in sources:
+        src.stop()
+
+
+def test_rename_in_is_offered_once_after_settling(root: Path, rec: Recorder, make_source) -> None:
+    root.mkdir()
+    make_source()
+    staging = write_adapter(root / ".tmp-x")
+    assert rec.quiet(0)  # dot-folders are staging areas
+    t0 = time.monotonic()
+    os.rename(staging, root / "v2")
+    assert rec.wait_for(lambda: rec.offers)
+    c, at = rec.offers[0]
+    assert (c.version, c.path) == ("v2", (root / "v2").resolve())
+    assert c.fingerprint == fingerprint(root / "v2")
+    assert t0 <= c.seen_at <= at
+    assert at - t0 >= SETTLE
+    assert rec.quiet(1)
+    assert {"created", "moved"} & set(rec.events)
+
+
+def test_folder_copied_slowly_is_offered_only_when_complete(root: Path, tmp_path: Path, rec: Recorder, make_source):
+    root.mkdir()
+    built = write_adapter(tmp_path / "built")
+    data = (built / WEIGHTS_NAME).read_bytes()
+    make_source()
+    dst = root / "v3"
+    dst.mkdir()
+    shutil.copy(built / CONFIG_NAME, dst / CONFIG_NAME)
+    assert rec.quiet(0)  # config alone: the weights may be on their way
+    (dst / WEIGHTS_NAME).write_bytes(data[:16])
+    assert rec.quiet(0)  # not even the whole header yet
+    with open(dst / WEIGHTS_NAME, "ab") as f:
+        f.write(data[16 : len(data) // 2])
+    assert rec.quiet(0)  # the header, but less data than it describes: still being written
+    with open(dst / WEIGHTS_NAME, "ab") as f:
+        f.write(data[len(data) // 2 :])
+    assert rec.wait_for(lambda: rec.offers)
+    assert rec.offers[0][0].fingerprint == fingerprint(dst)
+    assert rec.quiet(1)
+
+
+def test_newest_of_two_arrivals_wins(root: Path, rec: Recorder, make_source) -> None:
+    root.mkdir()
+    make_source()
+    a, b = write_adapter(root / ".a", seed=1), write_adapter(root / ".b", seed=2)
+    assert rec.quiet(0)
+    os.rename(a, root / "v2")
+    time.sleep(0.02)  # coarser than the kernel's timestamp granularity
+    os.rename(b, root / "v3")
+    assert rec.wait_for(lambda: rec.offers)
+    assert rec.quiet(1)
+    assert rec.versions() == ["v3"]
+
+
+def test_current_symlink_flip_offers_only_its_target(root: Path, rec: Recorder, make_source) -> None:
+    for i, name in enumerate(["v1", "v2", "v3"]):
+        write_adapter(root / name, seed=i)
+    os.symlink("v1", root / "current")
+    make_source()
+    assert rec.wait_for(lambda: rec.offers)
+    os.symlink("v2", root / ".current-new")
+    os.replace(root / ".current-new", root / "current")
+    assert rec.wait_for(lambda: len(rec.offers) == 2)
+    assert rec.quiet(2)
+    assert rec.versions() == ["v1", "v2"]  # v3 is newer but not current
+    assert rec.offers[1][0].path == (root / "v2").resolve()
+
+
+def test_symlinks_escaping_the_watched_folder_are_not_offered(
+    root: Path, tmp_path: Path, rec: Recorder, make_source, caplog
+):
+    caplog.set_level(logging.INFO, logger="hotswapd.source.directory")
+    outside = write_adapter(tmp_path / "outside" / "v9")
+    write_adapter(root / "v1")
+    time.sleep(0.02)
+    os.symlink(outside, root / "v9")  # newer than v1, so it would win if it counted
+    make_source()
+    assert rec.wait_for(lambda: rec.offers)
+    assert rec.quiet(1)
+    assert rec.versions() == ["v1"]
+    os.symlink(os.path.relpath(outside, root), root / ".c")
+    os.replace(root / ".c", root / "current")
+    assert rec.quiet(1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("v9" in m and "outside" in m for m in warnings)
+    assert any("current" in m and "outside" in m for m in warnings)
+
+
+def test_in_place_change_is_offered_again(root: Path, rec: Recorder, make_source) -> None:
+    write_adapter(root / "v1", seed=1)
+    make_source()
+    assert rec.wait_for(lambda: rec.offers)
+    write_adapter(root / "v1", seed=2, config=False)
+    assert rec.wait_for(lambda: len(rec.offers) == 2)
+    (first, _), (second, _) = rec.offers
+    assert first.path == second.path and first.fingerprint != second.fingerprint
+    assert second.seen_at > first.seen_at
+    assert rec.quiet(2)
+
+
+def test_deleting_the_live_folder_offers_nothing(root: Path, rec: Recorder, make_source, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="hotswapd.source.directory")
+    write_adapter(root / "v0", seed=0)
+    time.sleep(0.02)
+    write_adapter(root / "v1", seed=1)
+    make_source()
+    assert rec.wait_for(lambda: rec.offers)
+    assert rec.versions() == ["v1"]  # at start-up the later folder wins
+    shutil.rmtree(root / "v1")
+    assert rec.quiet(1)  # v0 is older: it is not brought back
+    assert any("gone" in r.getMessage() for r in caplog.records)
+    os.rename(write_adapter(root / ".t", seed=2), root / "v2")  # and the source still works
+    assert rec.wait_for(lambda: rec.versions() == ["v1", "v2"])
+
+
+def test_missing_watched_folder_then_created(root: Path, tmp_path: Path, rec: Recorder, make_source) -> None:
+    make_source(rescan_seconds=0.5)
+    assert rec.wait_for(lambda: "missing" in rec.events)
+    write_adapter(tmp_path / "stage" / "v1")
+    os.rename(tmp_path / "stage", root)
+    assert rec.wait_for(lambda: rec.offers)
+    assert rec.versions() == ["v1"]
+    assert rec.events.count("missing") == 1
+
+
+@pytest.mark.parametrize("noticed", [True, False], ids=["noticed", "at-once"])
+def test_watched_folder_deleted_and_recreated(
+    root: Path, tmp_path: Path, rec: Recorder, make_source, noticed: bool
+) -> None:
+    write_adapter(root / "v1")
+    shutil.copytree(root, tmp_path / "backup")  # same names, sizes and mtimes: the same fingerprint
+    make_source()  # rescan_seconds=30: whatever shows up within seconds came through the observer
+    assert rec.wait_for(lambda: rec.offers)
+    shutil.rmtree(root)
+    # At once, the new folder gets the old one's inode number (ext4, tmpfs): only the observer's death tells.
+    assert not noticed or rec.wait_for(lambda: "missing" in rec.events)
+    shutil.copytree(tmp_path / "backup", tmp_path / "stage")
+    os.rename(tmp_path / "stage", root)
+    assert rec.wait_for(lambda: len(rec.offers) == 2)
+    assert rec.offers[1][0].fingerprint == rec.offers[0][0].fingerprint
+    os.rename(write_adapter(root / ".t", seed=3), root / "v2")  # the observer was re-armed on the new folder
+    assert rec.wait_for(lambda: rec.versions() == ["v1", "v1", "v2"], timeout=4.0)
+
+
+def test_watched_folder_replaced_between_looks(root: Path, tmp_path: Path, rec: Recorder, make_source) -> None:
+    write_adapter(root / "v1")
+    make_source(rescan_seconds=0.5)
+    assert rec.wait_for(lambda: rec.offers)
+    shutil.copytree(root, tmp_path / "stage")
+    os.rename(root, tmp_path / "old")  # the observer still watches this one, under its new name
+    os.rename(tmp_path / "stage", root)
+    assert rec.wait_for(lambda: len(rec.offers) == 2)  # found by a rescan: a new folder, all new
+    del rec.events[:]
+    os.rename(write_adapter(root / ".t", seed=1), root / "v2")
+    assert rec.wait_for(lambda: len(rec.offers) == 3)
+    assert {"created", "moved"} & set(rec.events)  # events from the new folder: the observer was re-armed
+
+
+def test_polling_observer(root: Path, rec: Recorder, make_source) -> None:
+    root.mkdir()
+    src = make_source(polling=True, rescan_seconds=0.3)
+    assert rec.wait_for(lambda: "rescan" in rec.events)  # armed: the first look arms the observer
+    os.rename(write_adapter(root / ".t"), root / "v1")
+    assert rec.wait_for(lambda: rec.offers)
+    assert rec.versions() == ["v1"]
+    assert isinstance(src._observer, PollingObserver)
+    assert rec.wait_for(lambda: {"created", "moved"} & set(rec.events))
+
+
+def test_periodic_rescan_catches_lost_events(root: Path, tmp_path: Path, rec: Recorder, make_source) -> None:
+    write_adapter(root / "v1")
+    link = tmp_path / "link"
+    os.link(root / "v1" / WEIGHTS_NAME, link)
+    make_source(rescan_seconds=0.5)
+    assert rec.wait_for(lambda: rec.offers)
+    time.sleep(SETTLE)
+    del rec.events[:]
+    # inotify reports a write to the directory of the path it went through: through a hard link
+    # elsewhere, the watched folder hears nothing.
+    with open(link, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x00\x80\x3f")
+    assert rec.wait_for(lambda: len(rec.offers) == 2)
+    assert not {"created", "modified", "moved", "deleted"} & set(rec.events)
+    assert "rescan" in rec.events
+
+
+def test_update_config_changes_settle_live(root: Path, rec: Recorder, make_source) -> None:
+    root.mkdir()
+    src = make_source(settle_seconds=5.0)
+    os.rename(write_adapter(root / ".t"), root / "v1")
+    assert rec.quiet(0)
+    src.update_config(DirectorySourceConfig(path=str(root), settle_seconds=SETTLE, rescan_seconds=30.0))
+    assert rec.wait_for(lambda: rec.offers, timeout=2.0)
+
+
+def test_final_but_broken_folders_are_offered(root: Path, rec: Recorder, make_source) -> None:
+    pk = write_adapter(root / "pk", weights=False)
+    torch.save({"a": torch.zeros(2)}, pk / "adapter_model.bin")
+    make_source()
+    assert rec.wait_for(lambda: rec.offers)  # pickle-only: offered so that the swap rejects it
+    bad = write_adapter(root / ".bad", weights=False)
+    (bad / WEIGHTS_NAME).write_bytes(b"\x09\x00\x00\x00\x00\x00\x00\x00{not json")
+    os.rename(bad, root / "bad")
+    assert rec.wait_for(lambda: len(rec.offers) == 2)
+    assert rec.versions() == ["pk", "bad"]
+
+
+def test_marker_must_exist_and_match(root: Path, rec: Recorder, make_source) -> None:
+    pk = write_adapter(root / "pk", weights=False)
+    (pk / "adapter_model.bin").write_bytes(b"pickle")  # broken, but without the marker not final either
+    make_source(marker="READY")
+    v1 = write_adapter(root / "v1")
+    assert rec.quiet(0)
+    (v1 / "READY").write_text("0" * 64 + "\n")
+    assert rec.quiet(0)
+    digest = hashlib.sha256((v1 / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (v1 / "READY").write_text(f"sha256:{digest}  {WEIGHTS_NAME}\n")
+    assert rec.wait_for(lambda: rec.offers)
+    v2 = write_adapter(root / ".t", seed=1)
+    (v2 / "READY").touch()  # no digest: being there is enough
+    os.rename(v2, root / "v2")
+    assert rec.wait_for(lambda: rec.versions() == ["v1", "v2"])
+
+
+def test_newest_and_rescan_without_a_thread(root: Path, rec: Recorder, make_source) -> None:
+    write_adapter(root / "v1", seed=1)
+    time.sleep(0.02)
+    write_adapter(root / "v2", seed=2)
+    time.sleep(0.02)
+    write_adapter(root / "v3", weights=False)  # newest, but incomplete
+    src = make_source(start=False)
+    newest = src.newest()
+    assert newest is not None and newest.version == "v2"
+    assert newest.fingerprint == fingerprint(root / "v2")
+    assert src.rescan() is None  # seen for the first time: not settled yet
+    time.sleep(SETTLE)
+    offered = src.rescan()
+    assert offered is not None and offered.version == "v2"
+    assert src.rescan() is None
+    assert rec.versions() == ["v2"]
+
+
+def test_skip_vetoes_without_bringing_back_older(root: Path, rec: Recorder, make_source) -> None:
+    write_adapter(root / "v0", seed=0)
+    time.sleep(0.02)
+    write_adapter(root / "v1", seed=1)
+    make_source(skip=lambda c: c.version == "v1")  # as if v1 were live already
+    assert rec.quiet(0)
+    os.rename(write_adapter(root / ".t", seed=2), root / "v2")
+    assert rec.wait_for(lambda: rec.offers)
+    assert rec.versions() == ["v2"]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # e.g. the observer's
+def test_callback_errors_do_not_stop_the_source(root: Path, make_source, caplog) -> None:
+    root.mkdir()
+    got: list[str] = []
+
+    def explode(c: Candidate) -> None:
+        got.append(c.version)
+        raise RuntimeError("swap blew up")
+
+    def boom(kind: str) -> None:
+        raise RuntimeError("metrics blew up")
+
+    src = make_source(on_candidate=explode, on_event=boom)
+    deadline = time.monotonic() + 5
+    for i, name in enumerate(["v1", "v2"]):
+        os.rename(write_adapter(root / f".{name}", seed=i), root / name)
+        while len(got) <= i and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert got == ["v1", "v2"]
+    assert not [r for r in caplog.records if r.getMessage().startswith("looking at")]  # no look was cut short
+    src.stop()
+    src.stop()
+
+
+def _snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    snap: dict[str, tuple[object, ...]] = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        content = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else None
+        snap[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, content)
+    snap["."] = (root.stat().st_mtime_ns, root.stat().st_ctime_ns)
+    return snap
+
+
+def test_the_watched_folder_is_never_written(root: Path, tmp_path: Path, rec: Recorder, make_source) -> None:
+    write_adapter(root / "v1")
+    write_adapter(root / "cfg-only", weights=False)
+    write_adapter(root / ".staging")
+    os.symlink(write_adapter(tmp_path / "elsewhere"), root / "escape")
+    (root / "v1" / "READY").touch()
+    (root / "notes.txt").write_text("hello")
+    before = _snapshot(root)
+    src = make_source(marker="READY", rescan_seconds=0.2, settle_seconds=0.1)
+    assert rec.wait_for(lambda: rec.offers)
+    src.newest()
+    src.rescan()
+    src.update_config(DirectorySourceConfig(path=str(root), settle_seconds=0.1, rescan_seconds=0.2, polling=True))
+    assert rec.wait_for(lambda: rec.events.count("rescan") >= 4)
+    src.stop()
+    assert _snapshot(root) == before
