@@ -275,6 +275,13 @@ class Engine:
         if not rows:
             return
         version = self.slots.live_version
+        for row in rows:
+            if row.request.on_start is not None:
+                try:
+                    row.request.on_start(version)
+                except Exception:  # like a failing on_text: that request alone is cancelled
+                    log.warning("on_start callback failed; cancelling that request", exc_info=True)
+                    row.request.cancelled.set()
         start = time.monotonic()
         try:
             self._generate(rows)

@@ -55,11 +55,13 @@ class GenerationResult:
 
 @dataclass(eq=False)
 class GenerationRequest:
-    """One prompt to complete. ``on_text`` receives text deltas from the worker thread (streaming)."""
+    """One prompt to complete. From the worker thread, ``on_start`` receives the adapter version the
+    request will run on (fixed for its whole life) and ``on_text`` receives text deltas (streaming)."""
 
     prompt: str | list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     on_text: Callable[[str], Any] | None = None
+    on_start: Callable[[AdapterVersion], Any] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future[GenerationResult] = field(default_factory=Future)
     created_at: float = field(default_factory=time.monotonic)

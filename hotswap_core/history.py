@@ -77,6 +77,9 @@ class History:
         self.chain: list[AdapterVersion] = [BASE_VERSION]
         # A version explicitly rolled back from is not re-applied until a newer candidate lands.
         self.rolled_back: set[str] = set()
+        # Unix time the live version was committed (or rolled back to): a candidate that landed
+        # before it is not newer, so a restart does not undo an operator's swap or rollback.
+        self.live_since: float | None = None
         self.persist_failures = 0
         self._lock = threading.Lock()
 
@@ -102,9 +105,14 @@ class History:
 
     def committed(self, version: AdapterVersion) -> None:
         with self._lock:
+            if self.chain[-1].sha256 == version.sha256:
+                # Restored at start-up: already the chain's head, and live since its first commit.
+                self.chain[-1] = version
+                return
             self.chain.append(version)
             del self.chain[:-50]  # bounded; rollback depth of 50 is plenty
             self.rolled_back.discard(version.sha256)
+            self.live_since = time.time()
         self.save()
 
     def previous(self) -> AdapterVersion | None:
@@ -114,6 +122,7 @@ class History:
         with self._lock:
             gone = self.chain.pop()
             self.rolled_back.add(gone.sha256)
+            self.live_since = time.time()
         self.save()
         return self.live
 
@@ -124,6 +133,7 @@ class History:
         state = {
             "chain": [dataclasses.asdict(v) for v in self.chain],
             "rolled_back": sorted(self.rolled_back),
+            "live_since": self.live_since,
             "saved_at": time.time(),
         }
         try:
@@ -143,6 +153,9 @@ class History:
             state = json.loads(path.read_text())
             chain = [AdapterVersion(**v) for v in state["chain"]]
             rolled_back = set(state.get("rolled_back", []))
+            live_since = state.get("live_since")
+            if live_since is not None and not isinstance(live_since, (int, float)):
+                raise TypeError(f"live_since is {live_since!r}")
         except FileNotFoundError:
             return False
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -151,6 +164,7 @@ class History:
         with self._lock:
             self.chain = chain or [BASE_VERSION]
             self.rolled_back = rolled_back
+            self.live_since = live_since
         return True
 
 

@@ -57,10 +57,17 @@ class Swapper:
         return self.engine.slots.live_version
 
     def swap(
-        self, path: str | Path, *, version: str | None = None, source: str = "directory", seen_at: float | None = None
+        self,
+        path: str | Path,
+        *,
+        version: str | None = None,
+        source: str = "directory",
+        seen_at: float | None = None,
+        expect_sha256: str | None = None,
     ) -> SwapRecord:
         """Validate the adapter folder at ``path`` and make it live. Never raises for a bad adapter:
-        the returned record says ``rejected`` (with a reason code) or ``failed`` (with the phase)."""
+        the returned record says ``rejected`` (with a reason code) or ``failed`` (with the phase).
+        ``expect_sha256`` (restoring a recorded version) rejects the folder as ``changed`` if it differs."""
         path = str(path)
         with self._lock:
             started = time.time()
@@ -92,6 +99,8 @@ class Swapper:
             try:
                 with timer.phase("validate"):
                     spec = inspect_adapter(path, self.engine.layout, self.validation, version=version)
+                if expect_sha256 is not None and spec.sha256 != expect_sha256:
+                    raise AdapterRejected("changed", f"{path} no longer holds version {version} ({expect_sha256[:12]})")
                 if spec.sha256 == self.live.sha256:
                     return outcome("unchanged")
                 target = AdapterVersion(spec.version, spec.sha256, source, str(spec.path))
@@ -106,6 +115,14 @@ class Swapper:
                 return outcome("failed", f"{timer.current}_failed", str(exc))
             self.history.committed(target)
             return outcome("success", stall=stall)
+
+    def restore(self, target: AdapterVersion) -> SwapRecord:
+        """Make a recorded version live again from its files (start-up: the last committed version)."""
+        if target.is_base:
+            return SwapRecord(target.version, target.sha256, target.source, None, "unchanged")
+        if target.path is None:
+            raise SwapError("restore", f"version {target.version} has no recorded files")
+        return self.swap(target.path, version=target.version, source=target.source, expect_sha256=target.sha256)
 
     def rollback(self) -> SwapRecord:
         """Make the previously committed version live again; it sticks across restarts."""

@@ -76,6 +76,9 @@ class Candidate:
     version: str  # the resolved folder's name
     seen_at: float
     fingerprint: str
+    # Unix time it landed: the latest st_mtime/st_ctime of the entry, its folder and the files in
+    # it (rename and in-place writes both move ctime, which no producer can set back).
+    landed_at: float = 0.0
 
 
 @dataclass
@@ -151,14 +154,19 @@ class DirectorySource:
         return self._scan(periodic=True)
 
     def newest(self) -> Candidate | None:
-        """The newest *complete* candidate now, by ``max(st_mtime, st_ctime)``; not settled, not offered."""
+        """The newest *complete* candidate now, by ``landed_at``; not settled, not offered."""
+        found = self.complete()
+        return found[0] if found else None
+
+    def complete(self) -> list[Candidate]:
+        """Every *complete* candidate now, newest ``landed_at`` first (start-up picks from these)."""
         with self._scan_lock:
             found = []
             for path, arrival in (self._entries(Path(self._config.path)) or {}).items():
-                c = Candidate(path, path.name, time.monotonic(), fingerprint(path))
+                c = Candidate(path, path.name, time.monotonic(), fingerprint(path), arrival)
                 if self._state(c)[0] == "complete":
-                    found.append((arrival, path.name, c))
-            return max(found, key=lambda f: f[:2])[2] if found else None
+                    found.append(c)
+            return sorted(found, key=lambda c: (c.landed_at, c.version), reverse=True)
 
     def _hint(self, kind: str | None) -> None:
         """Look soon (called from the observer's thread, or by update_config)."""
@@ -225,7 +233,7 @@ class DirectorySource:
                 if old is not None and old.candidate.fingerprint == fp:
                     tracks[path] = old
                 elif fp != "unreadable":
-                    tracks[path] = _Track(Candidate(path, path.name, seen_at, fp), now, arrival)
+                    tracks[path] = _Track(Candidate(path, path.name, seen_at, fp, arrival), now, arrival)
             self._tracks = tracks
             keys = {(p, t.candidate.fingerprint) for p, t in tracks.items()}
             self._done &= keys
@@ -288,7 +296,7 @@ class DirectorySource:
                 if (name, str(path)) not in self._escapes:
                     log.warning("%s points outside the watched folder (to %s); it will never be offered", entry, path)
             elif path.is_dir():
-                found[path] = max(st_entry.st_mtime, st_entry.st_ctime, st_path.st_mtime, st_path.st_ctime)
+                found[path] = max(st_entry.st_mtime, st_entry.st_ctime, _landed_at(path, st_path))
         self._escapes = escapes
         return found
 
@@ -394,6 +402,22 @@ def _check_weights(path: Path) -> tuple[State, str]:
     except AdapterRejected as exc:
         return ("arriving" if exc.reason == "truncated" else "broken"), exc.message
     return "complete", ""
+
+
+def _landed_at(folder: Path, st: os.stat_result) -> float:
+    """Latest mtime/ctime of ``folder`` and the files directly in it."""
+    latest = max(st.st_mtime, st.st_ctime)
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                try:
+                    s = entry.stat()
+                except OSError:
+                    continue
+                latest = max(latest, s.st_mtime, s.st_ctime)
+    except OSError:
+        pass
+    return latest
 
 
 def _sha256(path: Path) -> str:

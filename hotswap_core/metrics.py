@@ -1,0 +1,142 @@
+"""Every Prometheus metric hotswapd exports, created once in one registry and passed where needed.
+
+Names and labels are a contract (DESIGN.md): dashboards and alerts rely on them. Label values are
+bounded sets (result, reason, phase, endpoint, code, source, kind); a version, sha256 or path appears
+only on the ``_info`` metric. Series known to exist are exported at 0 from the start, so that
+``rate()`` and ``absent()`` behave from the first scrape.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+SWAP_RESULTS = ("success", "rejected", "failed", "rolled_back")
+SWAP_PHASES = ("detect", "validate", "load", "stage", "verify", "commit")
+ENDPOINTS = ("completions", "chat_completions", "models", "adapters", "admin", "health", "other")
+HUB_POLL_RESULTS = ("unchanged", "changed", "error", "rate_limited")
+
+# Swap phases and the commit stall: tens of microseconds (a flip) to seconds (loading a big adapter).
+_SWAP_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# Landed -> live: dominated by settle_seconds (default 1 s) plus validation and load.
+_LANDED_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 120, 300)
+# Requests: 10 ms to minutes (long generations on a slow device).
+_REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The metric set. ``registry`` is what the metrics endpoint serves."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry(auto_describe=True)
+        self.swaps = Counter("hotswapd_swaps", "Swap transactions by result.", ["result"], registry=r)
+        self.swap_duration = Histogram(
+            "hotswapd_swap_duration_seconds",
+            "From a candidate first seen (event or rescan) to the first batch served by it.",
+            buckets=_LANDED_BUCKETS,
+            registry=r,
+        )
+        self.swap_phase = Histogram(
+            "hotswapd_swap_phase_duration_seconds",
+            "Duration of each phase of a swap transaction.",
+            ["phase"],
+            buckets=_SWAP_BUCKETS,
+            registry=r,
+        )
+        self.swap_stall = Histogram(
+            "hotswapd_swap_stall_seconds",
+            "Time serving was paused by a commit (the slot flip between batches).",
+            buckets=_SWAP_BUCKETS,
+            registry=r,
+        )
+        self.adapter_info = Gauge(
+            "hotswapd_adapter_info", "The live adapter version (value 1).", ["version", "sha256", "source"], registry=r
+        )
+        self.last_swap = Gauge(
+            "hotswapd_last_swap_timestamp_seconds", "Unix time of the last successful swap or rollback.", registry=r
+        )
+        self.validation_failures = Counter(
+            "hotswapd_adapter_validation_failures", "Rejected adapter candidates by reason code.", ["reason"], registry=r
+        )
+        self.requests = Counter(
+            "hotswapd_requests", "HTTP requests on the Unix socket.", ["endpoint", "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "hotswapd_request_duration_seconds",
+            "HTTP request duration, until the last byte of the response.",
+            ["endpoint"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "hotswapd_time_to_first_token_seconds",
+            "From a completion request queued to its first generated token.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter("hotswapd_generated_tokens", "Completion tokens generated.", registry=r)
+        self.inflight = Gauge("hotswapd_inflight_requests", "Completion requests being served.", registry=r)
+        self.queue_depth = Gauge("hotswapd_queue_depth", "Requests waiting for a batch.", registry=r)
+        self.batch_size = Histogram(
+            "hotswapd_batch_size", "Rows per generation batch.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r
+        )
+        self.source_events = Counter(
+            "hotswapd_source_events", "Adapter source events by kind.", ["source", "kind"], registry=r
+        )
+        self.hub_polls = Counter("hotswapd_hub_polls", "Hub revision polls by result.", ["result"], registry=r)
+        self.build_info = Gauge(
+            "hotswapd_build_info",
+            "Versions of hotswapd and its stack (value 1).",
+            ["version", "torch", "transformers", "peft", "device", "python"],
+            registry=r,
+        )
+        self.state_write_failures = Counter(
+            "hotswapd_state_write_failures", "Failed writes of the persisted state (state_dir).", registry=r
+        )
+        self._recompilations = _CounterFromFunction(
+            "hotswapd_recompilations", "Graphs compiled after warm-up (must stay 0).", lambda: 0
+        )
+        r.register(self._recompilations)
+        for result in SWAP_RESULTS:
+            self.swaps.labels(result)
+        for phase in SWAP_PHASES:
+            self.swap_phase.labels(phase)
+        for result in HUB_POLL_RESULTS:
+            self.hub_polls.labels(result)
+
+    def watch_engine(self, recompilations: Callable[[], int], queue_depth: Callable[[], int]) -> None:
+        """Read these at scrape time (no polling thread)."""
+        self._recompilations.read = recompilations
+        self.queue_depth.set_function(lambda: float(queue_depth()))
+
+    def set_build_info(self, device: str) -> None:
+        import peft
+        import torch
+        import transformers
+
+        from hotswap_core import __version__
+
+        self.build_info.labels(
+            __version__, torch.__version__, transformers.__version__, peft.__version__, device, platform.python_version()
+        ).set(1)
+
+    def set_live(self, version: str, sha256: str, source: str) -> None:
+        """Exactly one ``hotswapd_adapter_info`` series: the live version."""
+        self.adapter_info.clear()
+        self.adapter_info.labels(version, sha256, source).set(1)
+
+
+class _CounterFromFunction(Collector):
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, value=self.read())]
