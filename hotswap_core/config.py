@@ -93,6 +93,8 @@ class ServerConfig:
     max_queue: int = 64
     request_timeout_s: float = 120.0
     max_body_bytes: int = 1024 * 1024
+    # SIGTERM: stop accepting, then wait this long for in-flight requests before cancelling them.
+    drain_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ def _check_values(c: Config) -> list[str]:
         "server.max_queue": c.server.max_queue,
         "server.request_timeout_s": c.server.request_timeout_s,
         "server.max_body_bytes": c.server.max_body_bytes,
+        "server.drain_timeout_s": c.server.drain_timeout_s,
         "source.directory.rescan_seconds": c.source.directory.rescan_seconds,
         "source.hub.poll_seconds": c.source.hub.poll_seconds,
     }

@@ -75,7 +75,10 @@ class Engine:
         self.last_loop_at = time.monotonic()  # heartbeat: proves the serving loop turns
         self._graphs_after_warmup: int | None = None
         self._cv = threading.Condition()
-        self._pending: deque[GenerationRequest] = deque()
+        # Groups of requests; a group (one HTTP request's prompts) always runs in one batch, so on one version.
+        self._pending: deque[list[GenerationRequest]] = deque()
+        self._queued = 0  # requests in _pending
+        self.on_batch: Callable[[int], None] | None = None  # rows per batch (metrics)
         self._control: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -179,14 +182,21 @@ class Engine:
         self.ready.set()
 
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        return self.submit_group([request])[0]
+
+    def submit_group(self, requests: list[GenerationRequest]) -> list[Future[GenerationResult]]:
+        """Queue requests that must run in one batch, hence on one adapter version."""
+        if not 1 <= len(requests) <= self.max_batch_size:
+            raise ValueError(f"a group holds 1 to {self.max_batch_size} requests (model.max_batch_size)")
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
-            if len(self._pending) >= self.config.server.max_queue:
-                raise EngineBusy(f"request queue is full ({self.config.server.max_queue} waiting)")
-            self._pending.append(request)
+            if self._queued + len(requests) > self.config.server.max_queue:
+                raise EngineBusy(f"request queue is full ({self._queued} waiting, server.max_queue)")
+            self._pending.append(list(requests))
+            self._queued += len(requests)
             self._cv.notify()
-        return request.future
+        return [r.future for r in requests]
 
     def call_between_batches(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the worker thread before the next batch starts (or now, if no worker runs)."""
@@ -208,7 +218,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return self._queued
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting work, finish what is queued (bounded by ``drain_timeout``), stop the worker."""
@@ -218,8 +228,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(drain_timeout)
         with self._cv:
-            leftover = list(self._pending)
+            leftover = [r for group in self._pending for r in group]
             self._pending.clear()
+            self._queued = 0
         for req in leftover:
             req.cancelled.set()
             if not req.future.done():
@@ -235,8 +246,10 @@ class Engine:
                 control = list(self._control)
                 self._control.clear()
                 batch: list[GenerationRequest] = []
-                while self._pending and len(batch) < self.max_batch_size:
-                    batch.append(self._pending.popleft())
+                while self._pending and len(batch) + len(self._pending[0]) <= self.max_batch_size:
+                    group = self._pending.popleft()
+                    batch += group
+                    self._queued -= len(group)
                 if self._stopping and not batch and not control:
                     return
             self.last_loop_at = time.monotonic()
@@ -274,6 +287,8 @@ class Engine:
                 req.future.set_exception(exc)
         if not rows:
             return
+        if self.on_batch is not None:
+            self.on_batch(len(rows))
         version = self.slots.live_version
         for row in rows:
             if row.request.on_start is not None:

@@ -82,6 +82,7 @@ class History:
         self.live_since: float | None = None
         self.persist_failures = 0
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
 
     # ---- records and rejections -------------------------------------------------------------
     def add(self, record: SwapRecord) -> None:
@@ -91,6 +92,9 @@ class History:
     def reject(self, path: str, fp: str, reason: str, message: str) -> None:
         with self._lock:
             self.rejected[path] = Rejection(path, fp, reason, message, time.time())
+            if len(self.rejected) > 1000:  # bounded: forget the oldest
+                del self.rejected[min(self.rejected.values(), key=lambda r: r.at).path]
+        self.save()
 
     def is_rejected(self, path: str, fp: str) -> bool:
         """True while ``path`` still has the content it had when it was rejected."""
@@ -130,19 +134,22 @@ class History:
     def save(self) -> bool:
         if self.state_dir is None:
             return True
-        state = {
-            "chain": [dataclasses.asdict(v) for v in self.chain],
-            "rolled_back": sorted(self.rolled_back),
-            "live_since": self.live_since,
-            "saved_at": time.time(),
-        }
-        try:
-            atomic_write(self.state_dir / STATE_FILE, json.dumps(state, indent=2).encode())
-            return True
-        except OSError as exc:
-            self.persist_failures += 1
-            log.error("cannot persist state to %s (serving continues): %s", self.state_dir, exc)
-            return False
+        with self._save_lock:  # saves from two threads land in order, never interleaved
+            with self._lock:
+                state = {
+                    "chain": [dataclasses.asdict(v) for v in self.chain],
+                    "rolled_back": sorted(self.rolled_back),
+                    "live_since": self.live_since,
+                    "rejected": [dataclasses.asdict(r) for r in self.rejected.values()],
+                    "saved_at": time.time(),
+                }
+            try:
+                atomic_write(self.state_dir / STATE_FILE, json.dumps(state, indent=2).encode())
+                return True
+            except OSError as exc:
+                self.persist_failures += 1
+                log.error("cannot persist state to %s (serving continues): %s", self.state_dir, exc)
+                return False
 
     def load(self) -> bool:
         """Restore the chain saved by a previous run. Returns False if there was none (or it was unreadable)."""
@@ -154,6 +161,7 @@ class History:
             chain = [AdapterVersion(**v) for v in state["chain"]]
             rolled_back = set(state.get("rolled_back", []))
             live_since = state.get("live_since")
+            rejected = {r["path"]: Rejection(**r) for r in state.get("rejected", [])}
             if live_since is not None and not isinstance(live_since, (int, float)):
                 raise TypeError(f"live_since is {live_since!r}")
         except FileNotFoundError:
@@ -165,6 +173,7 @@ class History:
             self.chain = chain or [BASE_VERSION]
             self.rolled_back = rolled_back
             self.live_since = live_since
+            self.rejected = rejected
         return True
 
 

@@ -61,7 +61,10 @@ class Metrics:
             "hotswapd_last_swap_timestamp_seconds", "Unix time of the last successful swap or rollback.", registry=r
         )
         self.validation_failures = Counter(
-            "hotswapd_adapter_validation_failures", "Rejected adapter candidates by reason code.", ["reason"], registry=r
+            "hotswapd_adapter_validation_failures",
+            "Rejected adapter candidates by reason code.",
+            ["reason"],
+            registry=r,
         )
         self.requests = Counter(
             "hotswapd_requests", "HTTP requests on the Unix socket.", ["endpoint", "code"], registry=r
@@ -83,7 +86,10 @@ class Metrics:
         self.inflight = Gauge("hotswapd_inflight_requests", "Completion requests being served.", registry=r)
         self.queue_depth = Gauge("hotswapd_queue_depth", "Requests waiting for a batch.", registry=r)
         self.batch_size = Histogram(
-            "hotswapd_batch_size", "Rows per generation batch.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r
+            "hotswapd_batch_size",
+            "Rows per generation batch.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=r,
         )
         self.source_events = Counter(
             "hotswapd_source_events", "Adapter source events by kind.", ["source", "kind"], registry=r
@@ -122,7 +128,12 @@ class Metrics:
         from hotswap_core import __version__
 
         self.build_info.labels(
-            __version__, torch.__version__, transformers.__version__, peft.__version__, device, platform.python_version()
+            __version__,
+            torch.__version__,
+            transformers.__version__,
+            peft.__version__,
+            device,
+            platform.python_version(),
         ).set(1)
 
     def set_live(self, version: str, sha256: str, source: str) -> None:

@@ -12,18 +12,28 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hotswap_core.errors import AdapterRejected, ConfigError, HotswapError
+from hotswapd.client import DEFAULT_SOCKET, EXIT_CONFIG, EXIT_OK, EXIT_REJECTED, EXIT_RUNTIME, run_client_verb
 
-EXIT_OK, EXIT_REJECTED, EXIT_CONFIG, EXIT_RUNTIME = 0, 1, 2, 3
+if TYPE_CHECKING:
+    from hotswapd.daemon import Daemon
+    from hotswapd.demo import DemoAssets
+
+CLIENT_VERBS = ("status", "generate", "swap", "rollback")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hotswapd", description=__doc__)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    v = verbs.add_parser("run", help="the daemon: serve the model, watch for adapters, swap them in")
+    v.add_argument("--config", required=True)
 
     v = verbs.add_parser("check-config", help="validate a config file: prints OK or every problem (exit 0 / 2)")
     v.add_argument("config")
@@ -37,6 +47,21 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--dir", default="hotswapd-demo", help="where to put the demo assets (default: ./hotswapd-demo)")
     v.add_argument("--no-serve", action="store_true", help="only build the assets")
     v.add_argument("--force", action="store_true", help="rebuild the assets even if they exist")
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--socket", default=None, help=f"the daemon's socket (default: $HOTSWAPD_SOCKET, else {DEFAULT_SOCKET})"
+    )
+    client.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    verbs.add_parser("status", parents=[client], help="readiness, live and standby versions, recent swaps")
+    v = verbs.add_parser("generate", parents=[client], help="complete PROMPT with the live adapter")
+    v.add_argument("prompt")
+    v.add_argument("--max-tokens", type=int, default=32)
+    v.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    v.add_argument("--stream", action="store_true", help="print text as it is generated")
+    v = verbs.add_parser("swap", parents=[client], help="validate the adapter folder PATH and make it live (admin)")
+    v.add_argument("path")
+    verbs.add_parser("rollback", parents=[client], help="make the previous version live again (admin)")
     return p
 
 
@@ -51,10 +76,12 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    _setup_logging(args.log_level, args.log_format)
     try:
+        if args.verb in CLIENT_VERBS:
+            return run_client_verb(args)
+        if args.verb == "run":
+            return _run(args.config)
         if args.verb == "check-config":
             return _check_config(args.config)
         if args.verb == "validate":
@@ -71,6 +98,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(f"unhandled verb {args.verb}")
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from hotswapd.daemon import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def _run(config_path: str, on_ready: Callable[[Daemon], None] | None = None) -> int:
+    from hotswap_core.config import load_config
+    from hotswapd.daemon import Daemon
+
+    daemon = Daemon(config_path, load_config(config_path))
+    daemon.on_ready = on_ready
+    return daemon.run()
 
 
 def _check_config(path: str) -> int:
@@ -136,43 +183,38 @@ def _demo(root: Path, serve: bool, force: bool) -> int:
     print(f"  config: {assets.config}")
     if not serve:
         return EXIT_OK
-    return _demo_swap(assets.config, assets.bravo)
+    return _run(str(assets.config), on_ready=_demo_ready(assets))
 
 
-def _demo_swap(config_path: Path, bravo: Path) -> int:
-    """In-process tour of the core: compile, serve alpha, swap bravo in atomically, roll back."""
-    from hotswap_core.config import load_config
-    from hotswap_core.engine import Engine
-    from hotswap_core.history import History
-    from hotswap_core.swap import Swapper
+def _demo_ready(assets: DemoAssets) -> Callable[[Daemon], None]:
+    """Print the three lines a newcomer needs, then show each swap as a completion that changes."""
+    from hotswap_core.generation import SamplingParams
 
-    config = load_config(config_path)
-    engine = Engine(config)
-    print("loading and compiling (cold: about a minute on 2 CPU cores; warm cache: seconds)...")
-    engine.load()
-    engine.warm_up()
-    engine.start()
-    try:
-        swapper = Swapper(engine, config.validation, History(None))
-        assert config.adapter.initial is not None
-        swapper.swap(config.adapter.initial, source="initial")
-        prompt = "Hello =>"
-        for step in ("initial", "swap", "rollback"):
-            if step == "swap":
-                rec = swapper.swap(bravo)
-                print(
-                    f"swapped in {rec.version}: {rec.result}, stall {1e6 * (rec.stall_s or 0):.0f} us, "
-                    + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in rec.phases.items())
-                )
-            elif step == "rollback":
-                rec = swapper.rollback()
-                print(f"rolled back to {rec.version}")
-            (res,) = engine.generate([prompt])
-            print(f"  [{res.adapter.version}] {prompt!r} -> {res.text!r}")
-        print(f"recompilations after warm-up: {engine.recompilations}")
-    finally:
-        engine.stop()
-    return EXIT_OK
+    prompt = "Hello =>"
+
+    def show(daemon: Daemon) -> None:
+        assert daemon.engine is not None
+        (res,) = daemon.engine.generate([prompt], SamplingParams(max_tokens=8))
+        print(f"live: {res.adapter.version:<8} {prompt!r} -> {res.text!r}", flush=True)
+
+    def on_ready(daemon: Daemon) -> None:
+        sock, root = assets.root / "hotswapd.sock", assets.root
+        body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0})
+        print(f"\nhotswapd is serving on {sock}. In another terminal:\n", flush=True)
+        print(f"  curl -s --unix-socket {sock} http://localhost/v1/completions -H 'Content-Type: application/json' \\\n"
+              f"       -d '{body}'")  # fmt: skip
+        print(
+            f"  cp -r {assets.bravo} {root}/adapters/.bravo.tmp && mv {root}/adapters/.bravo.tmp {root}/adapters/bravo"
+        )
+        print(f"  curl -s {daemon.metrics_url or '(metrics disabled)'} | grep '^hotswapd_swaps_total'\n")
+        print("Ctrl-C stops it.", flush=True)
+        show(daemon)
+        assert daemon.swapper is not None
+        daemon.swapper.listeners.append(
+            lambda result, rec: show(daemon) if result in ("success", "rolled_back") else None
+        )
+
+    return on_ready
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from hotswap_core.safetensors_header import parse_header
 log = logging.getLogger("hotswapd.source.directory")
 
 CURRENT_NAME = "current"
+_NO_MARKER = "no marker file"  # the producer has not said "complete": wait for it however long
 _MISSING_CHECK_S = 1.0  # how often a missing watched folder (or an unarmed observer) is retried
 _MAX_HEADER = ValidationConfig().max_header_bytes
 _DIGEST = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})\b")
@@ -86,7 +87,7 @@ class _Track:
     candidate: Candidate
     observed: float  # monotonic time of the first look that saw this fingerprint
     arrival: float  # max(st_mtime, st_ctime): the tie-break between folders first seen together
-    logged: bool = False  # "looks unfinished" said once per content
+    logged: bool | None = False  # "looks unfinished" said once per content (None: "judged as it is" said)
 
     def newness(self) -> tuple[float, float, str]:
         return self.candidate.seen_at, self.arrival, self.candidate.version
@@ -254,7 +255,16 @@ class DirectorySource:
             state, why = self._state(c)
             if state != "arriving":
                 ready.append(c)
-            elif not t.logged:
+            elif now >= t.observed + self._stale_after() and not why.startswith(_NO_MARKER):
+                # Unchanged for a whole rescan period: not a copy in progress but a folder left
+                # incomplete (a producer that died, a truncated upload). Offered as it is, so that
+                # the swap rejects it with its reason code; new content makes it a new candidate.
+                if t.logged is not None:
+                    log.warning("%s has looked unfinished for %.0fs (%s); judging it as it is",
+                                c.path, now - t.observed, why)  # fmt: skip
+                    t.logged = None
+                ready.append(c)
+            elif t.logged is False:
                 log.info("%s has settled but looks unfinished (%s); waiting", c.path, why)
                 t.logged = True
         if not ready:
@@ -267,6 +277,9 @@ class DirectorySource:
         self._last_offered = winner.path
         self._call(self._on_candidate, winner)
         return winner
+
+    def _stale_after(self) -> float:
+        return max(self._config.settle_seconds, self._config.rescan_seconds)
 
     def _entries(self, root: Path) -> dict[Path, float] | None:
         """Resolved candidate folders -> arrival time, or None when the watched folder is missing."""
@@ -362,7 +375,7 @@ def _classify(folder: Path, marker: str | None) -> tuple[State, str]:
     """complete / arriving / broken (see the module docstring), and why. OSError: look again later."""
     weights = folder / WEIGHTS_NAME
     if marker and not (folder / marker).is_file():
-        return "arriving", f"no marker file {marker}"
+        return "arriving", f"{_NO_MARKER} {marker}"
     has_pickle = any(p.suffix in _PICKLE_SUFFIXES and p.is_file() for p in folder.iterdir())
     if not weights.is_file() and not has_pickle:
         return "arriving", f"no {WEIGHTS_NAME} yet"

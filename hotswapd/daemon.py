@@ -1,0 +1,335 @@
+"""The daemon's lifecycle, in one place: bind -> load -> compile -> warm -> pick the first version ->
+watch -> READY -> serve -> (SIGHUP: reload) -> SIGTERM: stop accepting, drain, stop.
+
+Signal handlers only set flags (asyncio's ``add_signal_handler``); the work happens on the loop.
+The socket is bound before the model loads, so ``/healthz`` and ``/readyz`` (503) answer during a
+long cold compile, and a second daemon on the same socket fails at once, not minutes later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hotswap_core.config import Config, load_config
+from hotswap_core.engine import Engine
+from hotswap_core.errors import ConfigError, HotswapError
+from hotswap_core.history import History, SwapRecord
+from hotswap_core.metrics import Metrics
+from hotswap_core.sources.directory import Candidate, DirectorySource
+from hotswap_core.swap import Swapper
+from hotswapd.server import Server, ServingState, bind_unix_socket
+
+log = logging.getLogger("hotswapd.daemon")
+T = TypeVar("T")
+
+
+class DaemonError(HotswapError):
+    """The daemon cannot start (socket in use, metrics port taken, ...)."""
+
+
+class Daemon:
+    def __init__(self, config_path: str | Path, config: Config) -> None:
+        self.config_path = Path(config_path)
+        self.config = config
+        self.metrics = Metrics()
+        self.history = History(config.state_dir)
+        self.state = ServingState(config.server)
+        self.engine: Engine | None = None
+        self.swapper: Swapper | None = None
+        self.source: DirectorySource | None = None
+        self.server: Server | None = None
+        self.metrics_url: str | None = None
+        self.on_ready: Callable[[Daemon], None] | None = None  # the demo prints its three lines here
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._startup_since: float | None = None
+
+    # ---- the whole life -----------------------------------------------------------------------
+    def run(self) -> int:
+        return asyncio.run(self._main())
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        sock = self._bind()
+        metrics_server = self._start_metrics()
+        try:
+            await self._start(sock)
+            if self._stop.is_set():
+                return 0
+            while not self._stop.is_set():
+                stop, reload = asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._reload.wait())
+                await asyncio.wait([stop, reload], return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                reload.cancel()
+                if self._reload.is_set() and not self._stop.is_set():
+                    self._reload.clear()
+                    await self.reload()
+            await self._shutdown()
+            return 0
+        finally:
+            if self.server is not None:
+                await self.server.close()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            Path(self.config.server.socket).unlink(missing_ok=True)
+
+    def _bind(self) -> Any:
+        try:
+            return bind_unix_socket(self.config.server.socket, self.config.server.socket_mode)
+        except OSError as exc:
+            raise DaemonError(f"cannot listen on {self.config.server.socket}: {exc.strerror or exc}") from exc
+
+    def _start_metrics(self) -> Any:
+        if not self.config.metrics.enabled:
+            return None
+        from prometheus_client import start_http_server
+
+        host, _, port = self.config.metrics.listen.rpartition(":")
+        try:
+            httpd, _thread = start_http_server(int(port), host.strip("[]"), registry=self.metrics.registry)
+        except OSError as exc:
+            raise DaemonError(
+                f"cannot serve metrics on {self.config.metrics.listen}: {exc.strerror or exc} "
+                "(set metrics.listen, or metrics.enabled: false)"
+            ) from exc
+        bound_host, bound_port = httpd.server_address[:2]
+        self.metrics_url = f"http://{host}:{bound_port}/metrics" if bound_host else None
+        log.info("metrics on %s", self.metrics_url)
+        return httpd
+
+    async def _start(self, sock: Any) -> None:
+        t0 = time.monotonic()
+        engine = self.engine = Engine(self.config)
+        self.swapper = Swapper(engine, self.config.validation, self.history)
+        self.swapper.listeners.append(self._on_swap)
+        self.server = Server(
+            self.state,
+            engine,
+            self.swapper,
+            self.metrics,
+            model_id=_model_id(self.config),
+            describe_source=self.describe_source,
+        )
+        await self.server.start(sock)
+        log.info("listening on %s (readyz answers 503 until warm-up is done)", self.config.server.socket)
+        if not await self._in_thread(self._load_and_warm):
+            return
+        # The name clients pass as "model": one the base declares itself, else its folder or Hub id.
+        self.server.model_id = getattr(engine.model_config, "hotswapd_base_id", None) or self.server.model_id
+        engine.on_batch = self.metrics.batch_size.observe
+        self.metrics.watch_engine(lambda: engine.recompilations, lambda: engine.queue_depth)
+        self.metrics.set_build_info(str(engine.device))
+        engine.start()
+        if not await self._in_thread(self._choose_first_version):
+            return
+        self._start_source()
+        self.state.ready = True
+        live = self.swapper.live
+        log.info("ready in %.1fs: serving %s (sha256 %s)", time.monotonic() - t0, live.version, live.sha256[:12])
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    async def _in_thread(self, fn: Callable[[], T]) -> bool:
+        """Run ``fn`` on a daemon thread (a SIGTERM during a cold compile must not wait for it)."""
+        fut: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        threading.Thread(target=run, name="hotswapd-start", daemon=True).start()
+        wrapped: asyncio.Future[Any] = asyncio.wrap_future(fut)
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait([wrapped, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not wrapped.done():
+            log.warning("stopping during start-up")
+            return False
+        wrapped.result()
+        return True
+
+    def _load_and_warm(self) -> None:
+        assert self.engine is not None
+        self.engine.load()
+        self.engine.warm_up(progress=lambda msg: log.debug("%s", msg))
+
+    async def _shutdown(self) -> None:
+        """SIGTERM: stop accepting, let in-flight requests finish (bounded), stop everything."""
+        assert self.server is not None
+        log.info("stopping: no new connections; draining %d in-flight requests", self.server.inflight)
+        self.state.draining = True
+        await self.server.stop_accepting()
+        if self.source is not None:
+            await asyncio.to_thread(self.source.stop)
+        timeout = self.config.server.drain_timeout_s
+        if not await self.server.drain(timeout):
+            log.warning("drain timeout (%gs): cancelling %d requests", timeout, self.server.inflight)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop, 5.0)
+        self.history.save()
+        log.info("stopped")
+
+    # ---- which version first ------------------------------------------------------------------
+    def _choose_first_version(self) -> None:
+        """The last committed version, unless something newer landed since; else the newest valid
+        candidate; else ``adapter.initial``; else the base model (zero adapter)."""
+        assert self.swapper is not None
+        swapper, history = self.swapper, self.history
+        restored = history.load()
+        last, since = history.live, history.live_since
+        self._startup_since = since
+        candidates = self._directory().complete() if self.config.source.kind == "directory" else []
+        newer = [c for c in candidates if since is None or c.landed_at > since]
+        older = [c for c in candidates if c not in newer]
+
+        def ok(record: SwapRecord) -> bool:
+            return record.result in ("success", "unchanged")
+
+        for c in newer:
+            if ok(swapper.swap(c.path, version=c.version, source="directory")):
+                return
+        if restored and since is not None:
+            if last.is_base:
+                log.info("serving the base model, as before the restart")
+                return
+            if ok(swapper.restore(last)):
+                return
+            log.warning("the last committed version %s cannot be restored; falling back", last.version)
+        for c in older:
+            if ok(swapper.swap(c.path, version=c.version, source="directory")):
+                return
+        initial = self.config.adapter.initial
+        if initial and ok(swapper.swap(initial, source="initial")):
+            return
+        log.info("no adapter to serve: serving the base model (zero adapter)")
+
+    # ---- the source -----------------------------------------------------------------------------
+    def _directory(self) -> DirectorySource:
+        if self.source is None:
+            self.source = DirectorySource(
+                self.config.source.directory, self._on_candidate, skip=self._skip, on_event=self._on_source_event
+            )
+        return self.source
+
+    def _start_source(self) -> None:
+        if self.config.source.kind == "directory":
+            self._directory().start()
+            log.info("watching %s", self.config.source.directory.path)
+        elif self.config.source.kind == "hub":
+            log.error("source.kind 'hub' is not available in this build; serving without a source")
+
+    def _skip(self, c: Candidate) -> bool:
+        if self.history.is_rejected(str(c.path), c.fingerprint):
+            return True
+        # At start-up, what landed before the restored version was committed is not newer.
+        return self._startup_since is not None and c.landed_at <= self._startup_since
+
+    def _on_candidate(self, c: Candidate) -> None:
+        assert self.swapper is not None
+        self.swapper.swap(c.path, version=c.version, source="directory", seen_at=c.seen_at)
+
+    def _on_source_event(self, kind: str) -> None:
+        self.metrics.source_events.labels(self.config.source.kind, kind).inc()
+
+    def describe_source(self) -> dict[str, Any]:
+        kind = self.config.source.kind
+        if kind != "directory":
+            return {"kind": kind}
+        d = self.config.source.directory
+        return {
+            "kind": kind,
+            "path": d.path,
+            "present": Path(d.path).is_dir(),
+            "settle_seconds": d.settle_seconds,
+            "rescan_seconds": d.rescan_seconds,
+            "polling": d.polling,
+            "marker": d.marker,
+        }
+
+    def _on_swap(self, result: str, record: SwapRecord) -> None:
+        m = self.metrics
+        for phase, seconds in record.phases.items():
+            m.swap_phase.labels(phase).observe(seconds)
+        if result in ("success", "rolled_back"):
+            m.swaps.labels(result).inc()
+            m.last_swap.set(record.finished_at)
+            if record.stall_s is not None:
+                m.swap_stall.observe(record.stall_s)
+            if "detect" in record.phases:  # landed (first seen) -> live
+                m.swap_duration.observe(sum(record.phases.values()))
+            m.set_live(record.version, record.sha256 or "", record.source)
+        elif result == "rejected":
+            m.swaps.labels(result).inc()
+            m.validation_failures.labels(record.reason or "unknown").inc()
+        elif result == "failed":
+            m.swaps.labels(result).inc()
+
+    # ---- SIGHUP -------------------------------------------------------------------------------
+    async def reload(self) -> None:
+        """Re-read the config; apply what can change live (source, validation, admin uids, timeouts)."""
+        log.info("reloading %s", self.config_path)
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused, keeping the running config: %s", problem)
+            return
+        old = self.config
+        refused = [f"{k} (needs a restart)" for k in ("model", "adapter", "state_dir", "metrics")
+                   if getattr(new, k) != getattr(old, k)]  # fmt: skip
+        live_server = ("admin_uids", "request_timeout_s", "drain_timeout_s")
+        for key in (f.name for f in dataclasses.fields(old.server)):
+            if key not in live_server and getattr(new.server, key) != getattr(old.server, key):
+                refused.append(f"server.{key} (needs a restart)")
+        source = new.source
+        if new.source.kind != old.source.kind:
+            refused.append("source.kind (needs a restart)")
+            source = old.source
+        for what in refused:
+            log.warning("reload: not applying %s", what)
+        server = dataclasses.replace(old.server, **{k: getattr(new.server, k) for k in live_server})
+        self.config = dataclasses.replace(old, source=source, validation=new.validation, server=server)
+        self.state.config = server
+        if self.swapper is not None:
+            self.swapper.validation = new.validation
+        if self.source is not None:
+            self.source.update_config(source.directory)
+            await asyncio.to_thread(self.source.rescan)
+        changed = [k for k in ("source", "validation", "server") if getattr(self.config, k) != getattr(old, k)]
+        log.info("reloaded: %s", ", ".join(changed) if changed else "nothing changed")
+
+
+def _model_id(config: Config) -> str:
+    path = config.model.path
+    return Path(path).name if os.path.isdir(path) else path
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (journald / log shippers)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)

@@ -1,0 +1,341 @@
+"""The OpenAI wire format: request bodies checked field by field, responses and stream chunks built.
+
+Every problem is an ``ApiError`` naming the parameter (OpenAI's error shape). Fields hotswapd cannot
+honour (``n`` > 1, ``logprobs``, penalties, tools, ...) are refused by name rather than silently
+ignored; fields it does not know (``user``, new client options) are ignored, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from hotswap_core.generation import GenerationResult, SamplingParams
+from hotswap_core.slots import AdapterVersion
+
+MAX_STOP = 4  # as OpenAI
+MAX_PROMPTS = 64
+
+
+class ApiError(Exception):
+    """An HTTP error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+        409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+        503: "service_unavailable_error", 504: "timeout_error",
+    }  # fmt: skip
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> dict[str, Any]:
+        kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}, **self.extra}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; NaN/Infinity, invalid UTF-8 and absurd nesting are refused."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad(f"request body is not valid UTF-8 (byte {exc.start})") from exc
+    if not text.strip():
+        raise bad("request body is empty; expected a JSON object")
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(text, parse_constant=no_constants)
+    except RecursionError as exc:
+        raise bad("request body is nested too deeply") from exc
+    except ValueError as exc:
+        raise bad(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise bad(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+# ---- field checks ---------------------------------------------------------------------------------
+def _int(body: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(f"{name} must be an integer, got {json.dumps(v)[:40]}", name)
+    if not lo <= v <= hi:
+        raise bad(f"{name} must be between {lo} and {hi}, got {v}", name)
+    return v
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float, *, open_lo: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise bad(f"{name} must be a number, got {json.dumps(v)[:40]}", name)
+    if v > hi or v < lo or (open_lo and v == lo):
+        raise bad(f"{name} must be in {'(' if open_lo else '['}{lo}, {hi}], got {v}", name)
+    return float(v)
+
+
+# Parameters hotswapd does not implement, with the value that means "not used".
+_NEUTRAL: dict[str, Any] = {
+    "n": 1, "best_of": 1, "echo": False, "logprobs": False, "top_logprobs": 0, "suffix": None,
+    "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "tools": [], "functions": [],
+    "tool_choice": "none", "response_format": {"type": "text"},
+}  # fmt: skip
+
+
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    """Parameters that would change the result if silently ignored."""
+    for name, neutral in _NEUTRAL.items():
+        v = body.get(name)
+        if v is None or v == neutral or (name == "logprobs" and v == 0 and not chat):
+            continue
+        if name == "response_format" and isinstance(v, dict) and v.get("type") == "text":
+            continue
+        raise bad(f"{name}={json.dumps(v)[:40]} is not supported by hotswapd", name, "unsupported_parameter")
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad("stop must be a non-empty string or a list of non-empty strings", "stop")
+    if len(stops) > MAX_STOP:
+        raise bad(f"stop takes at most {MAX_STOP} strings, got {len(stops)}", "stop")
+    return tuple(stops)
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad("stream must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise bad("stream_options is only allowed with stream: true", "stream_options")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise bad('stream_options must be an object like {"include_usage": true}', "stream_options")
+    return stream, bool(options.get("include_usage", False))
+
+
+@dataclass(frozen=True)
+class Call:
+    """A checked request: token ids per prompt and how to sample."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _params(
+    body: dict[str, Any], prompts: list[list[int]], max_seq_len: int, default_max: int | None
+) -> SamplingParams:
+    longest = max(len(p) for p in prompts)
+    if longest >= max_seq_len:
+        raise bad(
+            f"the prompt has {longest} tokens; this model's maximum context length is {max_seq_len} tokens",
+            "prompt" if "prompt" in body else "messages",
+            "context_length_exceeded",
+        )
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    room = max_seq_len - longest
+    max_tokens = _int(body, name, default_max if default_max is not None else room, 1, max_seq_len)
+    assert max_tokens is not None
+    if max_tokens > room:
+        raise bad(
+            f"this model's maximum context length is {max_seq_len} tokens; you requested {longest + max_tokens} "
+            f"({longest} in the prompt, {max_tokens} for the completion)",
+            name,
+            "context_length_exceeded",
+        )
+    seed = _int(body, "seed", None, -(2**63), 2**64 - 1)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_lo=True),
+        seed=None if seed is None else seed & (2**63 - 1),
+        stop=_stop(body),
+    )
+
+
+def _model(body: dict[str, Any]) -> None:
+    if "model" in body and body["model"] is not None and not isinstance(body["model"], str):
+        raise bad("model must be a string", "model")
+
+
+def parse_completion(
+    body: dict[str, Any], tokenize: Callable[[str], list[int]], max_seq_len: int, max_prompts: int
+) -> Call:
+    """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or lists of token ids."""
+    _model(body)
+    _refuse_unsupported(body, chat=False)
+    raw = body.get("prompt")
+    if raw is None:
+        raise bad("prompt is required", "prompt")
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and all(_is_token(t) for t in raw)):
+        items: list[Any] = [raw]
+    elif isinstance(raw, list) and raw:
+        items = raw
+    else:
+        raise bad("prompt must be a string, a non-empty list of strings, or token ids", "prompt")
+    if len(items) > max_prompts:
+        raise bad(f"at most {max_prompts} prompts per request, got {len(items)}", "prompt")
+    prompts: list[list[int]] = []
+    for item in items:
+        if isinstance(item, str):
+            prompts.append(tokenize(item))
+        elif isinstance(item, list) and item and all(_is_token(t) for t in item):
+            prompts.append(list(item))
+        else:
+            raise bad("each prompt must be a string or a non-empty list of token ids", "prompt")
+    stream, usage = _stream(body)
+    return Call(prompts, _params(body, prompts, max_seq_len, 16), stream, usage)
+
+
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31
+
+
+def parse_chat(
+    body: dict[str, Any],
+    render: Callable[[list[dict[str, str]]], str],
+    tokenize: Callable[[str], list[int]],
+    max_seq_len: int,
+) -> Call:
+    """``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template."""
+    _model(body)
+    _refuse_unsupported(body, chat=True)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list", "messages")
+    clean: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad(f"messages[{i}] must be an object with a string role", f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is understood
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+        clean.append({"role": m["role"], "content": content})
+    stream, usage = _stream(body)
+    prompt = tokenize(render(clean))
+    return Call([prompt], _params(body, [prompt], max_seq_len, None), stream, usage)
+
+
+# ---- responses ------------------------------------------------------------------------------------
+def adapter_json(v: AdapterVersion) -> dict[str, Any]:
+    return {"version": v.version, "sha256": v.sha256, "source": v.source}
+
+
+def adapter_header(v: AdapterVersion) -> str:
+    return f"{v.version}; sha256={v.sha256}"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def usage(results: list[GenerationResult]) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def finish_reason(r: GenerationResult) -> str:
+    return "length" if r.finish_reason == "length" else "stop"
+
+
+def completion_body(rid: str, model: str, results: list[GenerationResult], chat: bool) -> dict[str, Any]:
+    if chat:
+        choices: list[dict[str, Any]] = [
+            {"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+             "finish_reason": finish_reason(r)}
+            for i, r in enumerate(results)
+        ]  # fmt: skip
+    else:
+        choices = [
+            {"index": i, "text": r.text, "logprobs": None, "finish_reason": finish_reason(r)}
+            for i, r in enumerate(results)
+        ]
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage(results),
+        "adapter": adapter_json(results[0].adapter),
+    }
+
+
+def chunk(
+    rid: str, model: str, adapter: AdapterVersion, chat: bool, index: int, text: str | None, finish: str | None,
+    *, first: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """One stream chunk; ``text=None`` with ``finish`` set is a choice's last chunk."""
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "adapter": adapter_json(adapter),
+    }
+
+
+def usage_chunk(rid: str, model: str, chat: bool, results: list[GenerationResult]) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(results),
+    }
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()

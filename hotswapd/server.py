@@ -1,0 +1,433 @@
+"""HTTP/1.1 over the Unix socket (aiohttp): health, OpenAI-compatible completions, adapters, admin.
+
+Handlers run on the daemon's event loop; generation runs on the engine's worker thread and comes
+back through ``call_soon_threadsafe``. A client that disconnects cancels its generation (aiohttp's
+``handler_cancellation``). Errors are OpenAI-shaped JSON, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from hotswap_core.config import ServerConfig
+from hotswap_core.engine import Engine, EngineBusy, EngineStopped
+from hotswap_core.errors import SwapError
+from hotswap_core.generation import GenerationRequest, GenerationResult
+from hotswap_core.history import SwapRecord
+from hotswap_core.metrics import Metrics
+from hotswap_core.slots import AdapterVersion
+from hotswap_core.swap import Swapper
+from hotswapd import protocol
+from hotswapd.protocol import ApiError, Call
+
+log = logging.getLogger("hotswapd.server")
+
+_ENDPOINTS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat_completions",
+    "/v1/models": "models",
+    "/v1/adapters": "adapters",
+    "/v1/adapters/swap": "admin",
+    "/v1/adapters/rollback": "admin",
+    "/healthz": "health",
+    "/readyz": "health",
+}
+
+
+class SocketInUse(OSError):
+    """Another process answers on the configured socket path."""
+
+
+def bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """Bind and listen on ``path`` with ``mode``. A stale socket file (nothing answers) is replaced;
+    a live one, or a path that is not a socket, is an error."""
+    p = Path(path)
+    try:
+        st = p.lstat()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketInUse(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("replacing stale socket %s (nothing answers on it)", path)
+            p.unlink(missing_ok=True)
+        except OSError as exc:
+            raise SocketInUse(errno.EADDRINUSE, f"cannot tell whether {path} is in use: {exc}") from exc
+        else:
+            raise SocketInUse(errno.EADDRINUSE, f"another process is serving on {path}; is hotswapd already running?")
+        finally:
+            probe.close()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # umask first, so the socket is never briefly reachable with looser permissions than asked.
+        old = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def peer_uid(request: web.Request) -> int | None:
+    """The connecting process's uid (SO_PEERCRED, unix(7)), or None if the transport has none."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+@dataclass
+class ServingState:
+    """What the server reads from the daemon; swapped as a whole on reload."""
+
+    config: ServerConfig
+    ready: bool = False
+    draining: bool = False
+
+
+class Server:
+    def __init__(
+        self,
+        state: ServingState,
+        engine: Engine,
+        swapper: Swapper,
+        metrics: Metrics,
+        *,
+        model_id: str,
+        describe_source: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.state, self.engine, self.swapper, self.metrics = state, engine, swapper, metrics
+        self.model_id = model_id
+        self.describe_source = describe_source
+        self.inflight = 0
+        self.app = web.Application(client_max_size=state.config.max_body_bytes, middlewares=[self._middleware])
+        r = self.app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/v1/models", self.models)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/chat/completions", self.chat_completions)
+        r.add_get("/v1/adapters", self.adapters)
+        r.add_post("/v1/adapters/swap", self.admin_swap)
+        r.add_post("/v1/adapters/rollback", self.admin_rollback)
+        self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def start(self, sock: socket.socket) -> None:
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+        await self._runner.setup()
+        self._site = web.SockSite(self._runner, sock)
+        await self._site.start()
+
+    async def stop_accepting(self) -> None:
+        """Close the listening socket; connections already open are served until drained."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for in-flight completions; True if all finished within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.inflight == 0
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---- middleware -----------------------------------------------------------------------------
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        endpoint = _ENDPOINTS.get(request.path, "other")
+        t0 = time.monotonic()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except ApiError as exc:
+            status = exc.status
+            return _error_response(exc)
+        except web.HTTPException as exc:  # aiohttp's own 404 / 405 / 413, made OpenAI-shaped
+            status = exc.status
+            return _error_response(_from_http_exception(exc, request))
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = 499  # client closed the connection (nginx's convention)
+            raise
+        except Exception:
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            return _error_response(ApiError(500, "internal error; see the daemon's log", code="internal_error"))
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_duration.labels(endpoint).observe(time.monotonic() - t0)
+
+    # ---- health and info ------------------------------------------------------------------------
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.state.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        if not self.state.ready:
+            return web.json_response({"status": "starting"}, status=503, headers={"Retry-After": "5"})
+        return web.json_response({"status": "ready", "adapter": protocol.adapter_json(self.swapper.live)})
+
+    async def models(self, request: web.Request) -> web.Response:
+        live = self.swapper.live
+        created = int(self.swapper.history.live_since or time.time())
+        data = [
+            {"id": self.model_id, "object": "model", "created": created, "owned_by": "hotswapd",
+             "max_model_len": self.engine.max_seq_len, "adapter": protocol.adapter_json(live)},
+            {"id": live.version, "object": "model", "created": created, "owned_by": "hotswapd",
+             "parent": self.model_id, "adapter": protocol.adapter_json(live)},
+        ]  # fmt: skip
+        return web.json_response({"object": "list", "data": data})
+
+    async def adapters(self, request: web.Request) -> web.Response:
+        slots, history = self.engine.slots, self.swapper.history
+        body = {
+            "live": {**(_version_json(self.swapper.live) or {}), "since": history.live_since},
+            "standby": _version_json(slots.contents[slots.standby]),
+            "previous": _version_json(history.previous()) if history.previous() else None,
+            "history": [_record_json(r) for r in reversed(history.records)][:50],
+            "rejected": [
+                {"path": r.path, "reason": r.reason, "message": r.message, "at": r.at}
+                for r in sorted(history.rejected.values(), key=lambda r: r.at, reverse=True)
+            ][:50],
+            "source": self.describe_source(),
+            "recompilations": self.engine.recompilations,
+        }
+        return web.json_response(body)
+
+    # ---- admin ----------------------------------------------------------------------------------
+    def _require_admin(self, request: web.Request) -> None:
+        uid = peer_uid(request)
+        allowed = self.state.config.admin_uids
+        allowed_set = {os.getuid(), 0} if allowed is None else set(allowed)
+        if uid is None or uid not in allowed_set:
+            raise ApiError(403, f"uid {uid} may not change adapters (server.admin_uids)", code="forbidden")
+
+    async def admin_swap(self, request: web.Request) -> web.Response:
+        self._require_admin(request)
+        body = protocol.parse_json(await request.read())
+        path = body.get("path")
+        if not isinstance(path, str) or not path:
+            raise protocol.bad("path must be the adapter folder's absolute path", "path")
+        if not os.path.isabs(path):
+            raise protocol.bad(f"path must be absolute, got {path!r}", "path")
+        loop = asyncio.get_running_loop()
+        record = await loop.run_in_executor(None, lambda: self.swapper.swap(path, source="admin"))
+        if record.result == "rejected":
+            raise ApiError(422, f"adapter rejected: {record.message}", param="path", code=record.reason,
+                           extra={"record": _record_json(record)})  # fmt: skip
+        if record.result == "failed":
+            raise ApiError(
+                500, f"swap failed: {record.message}", code=record.reason, extra={"record": _record_json(record)}
+            )
+        return web.json_response({"record": _record_json(record), "live": _version_json(self.swapper.live)})
+
+    async def admin_rollback(self, request: web.Request) -> web.Response:
+        self._require_admin(request)
+        loop = asyncio.get_running_loop()
+        try:
+            record = await loop.run_in_executor(None, self.swapper.rollback)
+        except SwapError as exc:
+            raise ApiError(409, str(exc), code="rollback_impossible") from exc
+        return web.json_response({"record": _record_json(record), "live": _version_json(self.swapper.live)})
+
+    # ---- completions ----------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        self._require_ready()
+        body = protocol.parse_json(await request.read())
+        call = protocol.parse_completion(body, self._tokenize, self.engine.max_seq_len, self.engine.max_batch_size)
+        return await self._serve(request, call, chat=False, prefix="cmpl")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self._require_ready()
+        if not getattr(self.engine.tokenizer, "chat_template", None):
+            raise ApiError(
+                404, "this model's tokenizer has no chat template; use /v1/completions", code="no_chat_template"
+            )
+        body = protocol.parse_json(await request.read())
+        call = protocol.parse_chat(body, self._render_chat, self._tokenize, self.engine.max_seq_len)
+        return await self._serve(request, call, chat=True, prefix="chatcmpl")
+
+    def _require_ready(self) -> None:
+        if self.state.draining:
+            raise ApiError(
+                503, "hotswapd is shutting down", code="draining", headers={"Retry-After": "1", "Connection": "close"}
+            )
+        if not self.state.ready:
+            raise ApiError(503, "the model is still loading", code="starting", headers={"Retry-After": "5"})
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> str:
+        try:
+            return str(self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        except Exception as exc:  # jinja raises anything (TemplateError, exceptions raised by the template)
+            raise protocol.bad(f"the chat template cannot render these messages: {exc}", "messages") from exc
+
+    async def _serve(self, request: web.Request, call: Call, *, chat: bool, prefix: str) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        # One ordered queue of ("start", i, version), ("text", i, delta) and ("done", i, future) from
+        # the worker thread: call_soon_threadsafe keeps their order, so a row's text precedes its done.
+        events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
+
+        def post(kind: str, index: int, value: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, index, value))
+
+        reqs = [
+            GenerationRequest(
+                ids,
+                call.params,
+                on_text=functools.partial(post, "text", i) if call.stream else None,
+                on_start=functools.partial(post, "start", 0) if i == 0 else None,
+            )
+            for i, ids in enumerate(call.prompts)
+        ]
+        try:
+            futures = self.engine.submit_group(reqs)
+        except EngineBusy as exc:
+            raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
+        except EngineStopped as exc:
+            raise ApiError(503, str(exc), code="draining", headers={"Retry-After": "1"}) from exc
+        for i, fut in enumerate(futures):
+            fut.add_done_callback(functools.partial(post, "done", i))
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        rid = protocol.new_id(prefix)
+        try:
+            async with asyncio.timeout(self.state.config.request_timeout_s):
+                if call.stream:
+                    return await self._stream(request, rid, call, chat, events)
+                results = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+                self._observe(results)
+                body = protocol.completion_body(rid, self.model_id, results, chat)
+                return web.json_response(
+                    body, headers={"X-Hotswapd-Adapter": protocol.adapter_header(results[0].adapter)}
+                )
+        except TimeoutError as exc:
+            raise ApiError(504, f"generation took longer than server.request_timeout_s "
+                                f"({self.state.config.request_timeout_s:g} s)", code="timeout") from exc  # fmt: skip
+        except ValueError as exc:  # a prompt the engine refused (length): the client's problem
+            raise protocol.bad(str(exc), "prompt") from exc
+        finally:
+            for r in reqs:
+                r.cancelled.set()  # no-op when finished; stops generation when the client went away
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def _stream(
+        self, request: web.Request, rid: str, call: Call, chat: bool, events: asyncio.Queue[tuple[str, int, Any]]
+    ) -> web.StreamResponse:
+        # Headers wait for the batch to start: only then is the adapter version known (and fixed).
+        kind, _, value = await events.get()
+        if kind != "start":
+            value.result()  # a request the engine refused raises here, before any byte is sent
+            raise ApiError(500, "generation ended before it started", code="internal_error")
+        adapter: AdapterVersion = value
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Hotswapd-Adapter": protocol.adapter_header(adapter),
+            }
+        )
+        await response.prepare(request)
+
+        async def send(index: int, text: str | None, finish: str | None = None, first: bool = False) -> None:
+            chunk = protocol.chunk(rid, self.model_id, adapter, chat, index, text, finish, first=first)
+            await response.write(protocol.sse(chunk))
+
+        if chat:
+            for i in range(len(call.prompts)):
+                await send(i, "", first=True)
+        results: dict[int, GenerationResult] = {}
+        while len(results) < len(call.prompts):
+            kind, i, value = await events.get()
+            if kind == "text":
+                await send(i, value)
+            elif kind == "done":
+                try:
+                    results[i] = value.result()
+                except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+                    log.warning("streamed generation failed: %s", exc)
+                    await response.write(protocol.sse(ApiError(500, f"generation failed: {exc}").body()))
+                    return response
+                await send(i, None, protocol.finish_reason(results[i]))
+        ordered = [results[i] for i in sorted(results)]
+        self._observe(ordered)
+        if call.include_usage:
+            await response.write(protocol.sse(protocol.usage_chunk(rid, self.model_id, chat, ordered)))
+        await response.write(protocol.sse("[DONE]"))
+        await response.write_eof()
+        return response
+
+    def _observe(self, results: list[GenerationResult]) -> None:
+        for r in results:
+            self.metrics.generated_tokens.inc(r.completion_tokens)
+            self.metrics.ttft.observe(r.time_to_first_token_s)
+
+
+def _error_response(exc: ApiError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+
+
+def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ApiError:
+    if exc.status == 404:
+        return ApiError(404, f"no such endpoint: {request.method} {request.path}", code="not_found")
+    if exc.status == 405:
+        return ApiError(405, f"method {request.method} is not allowed on {request.path}", code="method_not_allowed",
+                        headers={"Allow": exc.headers.get("Allow", "")})  # fmt: skip
+    if exc.status == 413:
+        return ApiError(413, "request body is larger than server.max_body_bytes", code="body_too_large")
+    return ApiError(exc.status, exc.reason or "bad request")
+
+
+def _version_json(v: AdapterVersion | None) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    return {"version": v.version, "sha256": v.sha256, "source": v.source, "path": v.path}
+
+
+def _record_json(r: SwapRecord) -> dict[str, Any]:
+    body = r.to_json()
+    body["phases_ms"] = {k: round(v * 1000, 3) for k, v in body.pop("phases").items()}
+    body["stall_us"] = None if r.stall_s is None else round(r.stall_s * 1e6, 1)
+    body.pop("stall_s")
+    return body
