@@ -94,7 +94,7 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
         raise bad(f"{name} must be a number, got {json.dumps(v)[:40]}", name)
     if v > hi or v < lo or (open_lo and v == lo):
         raise bad(f"{name} must be in {'(' if open_lo else '['}{lo}, {hi}], got {v}", name)

@@ -1,0 +1,274 @@
+"""End to end: one real ``hotswapd run`` process on the demo assets, real files dropped into its
+watched folder, real requests over its Unix socket (our client, the official ``openai`` client, curl).
+
+The tests share one daemon and run in file order; each leaves the daemon serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotswapd.client import ClientError
+from hotswapd.demo import BROKEN_REASONS, DemoAssets
+
+from ..conftest import run_cli
+from .harness import DaemonProcess, drop_adapter, wait_until, write_config
+
+pytestmark = pytest.mark.slow
+
+SETTLE = 0.3  # harness default
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="hs-e2e-", dir="/tmp") as d:  # short: AF_UNIX paths < 108 bytes
+        yield Path(d)
+
+
+@pytest.fixture(scope="module")
+def daemon(demo_assets: DemoAssets, workdir: Path, cli_env: dict[str, str]) -> Iterator[DaemonProcess]:
+    (workdir / "adapters").mkdir()
+    config = write_config(demo_assets, workdir, workdir / "s.sock", **{"server.max_body_bytes": MAX_BODY})
+    d = DaemonProcess(config, workdir / "s.sock", workdir / "daemon.log", cli_env)
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        rc = d.stop()
+        print(d.log[-3000:])
+        assert rc == 0
+
+
+def _reconfigure(d: DaemonProcess, demo_assets: DemoAssets, workdir: Path, **overrides: Any) -> None:
+    """Rewrite the config file and SIGHUP; wait for the daemon to say it reloaded."""
+    before = d.log.count("reloaded:")
+    write_config(demo_assets, workdir, d.sock, **{"server.max_body_bytes": MAX_BODY, **overrides})
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: d.log.count("reloaded:") > before, 10, "the reload to be logged")
+
+
+def _records(d: DaemonProcess, version: str) -> list[dict[str, Any]]:
+    return [r for r in d.client.get("/v1/adapters")["history"] if r["version"] == version]
+
+
+def test_alpha_then_bravo_renamed_in(daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path) -> None:
+    status, body, headers = daemon.client.request(
+        "POST", "/v1/completions", {"prompt": "Hello =>", "max_tokens": 8, "temperature": 0}
+    )
+    assert status == 200 and body["choices"][0]["text"].startswith(" alpha"), body
+    assert body["adapter"]["version"] == "alpha" and headers["X-Hotswapd-Adapter"].startswith("alpha; sha256=")
+
+    drop_adapter(demo_assets.bravo, workdir / "adapters", "bravo-1")
+    landed = time.monotonic()
+    # The contract: live within settle + 2 s of landing.
+    wait_until(lambda: daemon.complete()["adapter"]["version"] == "bravo-1", SETTLE + 2, "bravo-1 to serve")
+    assert time.monotonic() - landed <= SETTLE + 2
+    answer = daemon.complete()
+    assert answer["choices"][0]["text"].startswith(" bravo"), answer
+    adapters = daemon.client.get("/v1/adapters")
+    assert adapters["live"]["version"] == "bravo-1" and adapters["standby"]["version"] == "alpha"
+    results = {(r["version"], r["result"]) for r in adapters["history"]}
+    assert {("alpha", "success"), ("bravo-1", "success")} <= results
+    (record,) = _records(daemon, "bravo-1")
+    assert set(record["phases_ms"]) >= {"detect", "validate", "load", "stage", "commit"}
+    assert adapters["recompilations"] == 0
+
+
+def test_slow_copy_is_not_swapped_before_complete(
+    daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path
+) -> None:
+    dest = workdir / "adapters" / "slow"
+    dest.mkdir()
+    shutil.copy(demo_assets.alpha / "adapter_config.json", dest)
+    time.sleep(3 * SETTLE)
+    weights = (demo_assets.alpha / "adapter_model.safetensors").read_bytes()
+    with open(dest / "adapter_model.safetensors", "wb") as f:
+        f.write(weights[: len(weights) // 2])
+        f.flush()
+        time.sleep(3 * SETTLE)  # settled, but shorter than its header says: still arriving
+        assert daemon.live() == "bravo-1" and not _records(daemon, "slow")
+        f.write(weights[len(weights) // 2 :])
+    wait_until(lambda: daemon.live() == "slow", SETTLE + 3, "the completed copy to go live")
+    assert daemon.complete()["choices"][0]["text"].startswith(" alpha")
+    assert [r["result"] for r in _records(daemon, "slow")] == ["success"]
+
+
+def test_every_broken_example_is_rejected_with_its_reason(
+    daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path
+) -> None:
+    live = daemon.client.get("/v1/adapters")["live"]
+    for reason in BROKEN_REASONS:  # one at a time: of simultaneous arrivals only the newest is tried
+        path = drop_adapter(demo_assets.broken[reason], workdir / "adapters", f"broken-{reason}")
+
+        def rejected(path: Path = path) -> dict[str, Any] | None:
+            found = [r for r in daemon.client.get("/v1/adapters")["rejected"] if r["path"] == str(path)]
+            return found[0] if found else None
+
+        # Truncated or missing files look like a copy in progress until unchanged for rescan_seconds (2 s).
+        entry = wait_until(rejected, SETTLE + 6, f"broken-{reason} to be rejected")
+        assert entry["reason"] == reason, entry
+        now = daemon.client.get("/v1/adapters")["live"]
+        assert (now["version"], now["sha256"]) == (live["version"], live["sha256"])
+    assert daemon.complete()["adapter"]["version"] == live["version"]
+
+
+def test_reload_applies_settle_seconds_live(daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path) -> None:
+    pid = daemon.proc.pid
+    _reconfigure(daemon, demo_assets, workdir, **{"source.directory.settle_seconds": 2.0})
+    assert daemon.client.get("/v1/adapters")["source"]["settle_seconds"] == 2.0
+    drop_adapter(demo_assets.bravo, workdir / "adapters", "bravo-slow-settle")
+    wait_until(lambda: daemon.live() == "bravo-slow-settle", 2.0 + 3, "the swap after the longer settle")
+    (record,) = _records(daemon, "bravo-slow-settle")
+    assert record["phases_ms"]["detect"] >= 2000 * 0.95  # waited the new settle time, not 0.3 s
+    assert daemon.proc.pid == pid and daemon.proc.poll() is None  # no restart
+    _reconfigure(daemon, demo_assets, workdir)  # back to the harness's settle time
+
+
+def test_current_symlink_flip(daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path) -> None:
+    flip = workdir / "flip"
+    flip.mkdir()
+    shutil.copytree(demo_assets.alpha, flip / "v1")
+    shutil.copytree(demo_assets.bravo, flip / "v2")
+    os.symlink("v1", flip / "current")
+    _reconfigure(daemon, demo_assets, workdir, **{"source.directory.path": str(flip)})
+    wait_until(lambda: daemon.live() == "v1", SETTLE + 3, "current -> v1 to go live")
+    os.symlink("v2", flip / ".current.new")
+    os.replace(flip / ".current.new", flip / "current")  # the atomic flip (git-sync, ConfigMap ..data)
+    wait_until(lambda: daemon.live() == "v2", SETTLE + 2, "the flipped target to go live")
+    assert daemon.complete()["choices"][0]["text"].startswith(" bravo")
+
+
+def test_watched_folder_deleted_and_recreated(daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path) -> None:
+    flip = workdir / "flip"
+    shutil.rmtree(flip)  # also deletes the live version's files
+    wait_until(lambda: not daemon.client.get("/v1/adapters")["source"]["present"], 5, "the folder to be missed")
+    wait_until(lambda: "is missing; still serving" in daemon.log, SETTLE + 3, "the source to notice")
+    answer = daemon.complete()
+    assert answer["adapter"]["version"] == "v2" and answer["choices"][0]["text"].startswith(" bravo")
+    flip.mkdir()
+    drop_adapter(demo_assets.alpha, flip, "again")
+    wait_until(lambda: daemon.live() == "again", SETTLE + 4, "a version in the recreated folder to go live")
+
+
+def test_openai_client_and_curl(daemon: DaemonProcess) -> None:
+    import httpx2  # the openai client's HTTP library (3.x); plain httpx with openai 1.x/2.x
+    import openai
+
+    http = httpx2.Client(transport=httpx2.HTTPTransport(uds=str(daemon.sock)))
+    client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
+    done = client.completions.create(model="hotswapd-demo-tiny-llama", prompt="Hello =>", max_tokens=8, temperature=0)
+    assert done.choices[0].text.startswith(" alpha") and done.usage is not None and done.usage.completion_tokens > 0
+    parts = list(
+        client.completions.create(model="m", prompt="Hello =>", max_tokens=8, temperature=0, stream=True, seed=1)
+    )
+    assert "".join(p.choices[0].text for p in parts).startswith(" alpha")
+    assert parts[-1].choices[0].finish_reason in ("stop", "length")
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature=0)
+    assert chat.choices[0].message.content is not None and chat.choices[0].message.content.startswith(" alpha")
+    models = client.models.list()
+    assert "hotswapd-demo-tiny-llama" in [m.id for m in models.data]
+
+    out = subprocess.run(
+        ["curl", "-sS", "--unix-socket", str(daemon.sock), "http://localhost/v1/completions",
+         "-H", "Content-Type: application/json", "-d", '{"prompt": "Hello =>", "max_tokens": 8, "temperature": 0}'],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert json.loads(out.stdout)["choices"][0]["text"].startswith(" alpha")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "param"),
+    [
+        ("POST", "/v1/completions", b"{not json", 400, None),
+        ("POST", "/v1/completions", b"[1, 2]", 400, None),
+        ("POST", "/v1/completions", b'{"prompt": 5}', 400, "prompt"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 10000000000000000000000}', 400, "max_tokens"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": "8"}', 400, "max_tokens"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "temperature": "hot"}', 400, "temperature"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "n": 2}', 400, "n"),
+        ("POST", "/v1/chat/completions", b'{"messages": "hi"}', 400, "messages"),
+        ("POST", "/v1/completions", b'{"prompt": "' + b"x" * MAX_BODY + b'"}', 413, None),
+        ("POST", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400, None),
+        ("GET", "/v1/nope", None, 404, None),
+        ("GET", "/v1/completions", None, 405, None),
+        ("POST", "/v1/adapters/swap", b'{"path": "relative/dir"}', 400, "path"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_4xx(
+    daemon: DaemonProcess, method: str, path: str, body: bytes | None, status: int, param: str | None
+) -> None:
+    response = daemon.client._open(method, path, None) if body is None else _raw(daemon, method, path, body)
+    data = json.loads(response.read())
+    assert response.status == status, data
+    assert set(data["error"]) >= {"message", "type", "param", "code"} and data["error"]["message"]
+    assert data["error"]["param"] == param
+    assert "Traceback" not in json.dumps(data)
+    assert daemon.complete()["choices"][0]["text"]  # still serving
+
+
+def _raw(daemon: DaemonProcess, method: str, path: str, body: bytes) -> Any:
+    from hotswapd.client import _UnixConnection
+
+    conn = _UnixConnection(str(daemon.sock), 60)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    return conn.getresponse()
+
+
+def test_admin_verbs_need_an_admin_uid(daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path) -> None:
+    _reconfigure(daemon, demo_assets, workdir, **{"source.directory.path": str(workdir / "flip"),
+                                                  "server.admin_uids": [os.getuid() + 4242]})  # fmt: skip
+    try:
+        for path, body in (("/v1/adapters/swap", {"path": str(demo_assets.bravo)}), ("/v1/adapters/rollback", {})):
+            with pytest.raises(ClientError) as err:
+                daemon.client.post(path, body)
+            assert err.value.status == 403 and err.value.code == "forbidden"
+        assert daemon.live() == "again"
+    finally:
+        _reconfigure(daemon, demo_assets, workdir, **{"source.directory.path": str(workdir / "flip")})
+
+
+def test_client_verbs(daemon: DaemonProcess, demo_assets: DemoAssets, cli_env: dict[str, str]) -> None:
+    env = {**cli_env, "HOTSWAPD_SOCKET": str(daemon.sock)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(run_cli(*args), capture_output=True, text=True, timeout=120, env=env)
+
+    status = cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["live"]["version"] == "again"
+    swapped = cli("swap", str(demo_assets.bravo), "--json")
+    assert swapped.returncode == 0 and json.loads(swapped.stdout)["live"]["version"] == "bravo"
+    generated = cli("generate", "Hello =>", "--max-tokens", "8", "--socket", str(daemon.sock))
+    assert generated.returncode == 0 and generated.stdout.startswith(" bravo") and "[adapter bravo" in generated.stderr
+    streamed = cli("generate", "Hello =>", "--max-tokens", "8", "--stream")
+    assert streamed.returncode == 0 and streamed.stdout.startswith(" bravo")
+    rejected = cli("swap", str(demo_assets.broken["non_finite"]))
+    assert rejected.returncode == 1 and "non_finite" in rejected.stderr
+    rolled = cli("rollback")
+    assert rolled.returncode == 0 and "live is again" in rolled.stdout
+    human = cli("status")
+    assert human.returncode == 0 and "live:      again" in human.stdout and "non_finite" in human.stdout
+    missing = cli("status", "--socket", str(daemon.sock) + ".nope")
+    assert missing.returncode == 3 and "no hotswapd socket" in missing.stderr
+
+
+def test_second_daemon_on_the_live_socket_refuses(daemon: DaemonProcess, cli_env: dict[str, str]) -> None:
+    out = subprocess.run(
+        run_cli("run", "--config", str(daemon.config)), capture_output=True, text=True, timeout=120, env=cli_env
+    )
+    assert out.returncode == 3
+    assert f"another process is serving on {daemon.sock}" in out.stderr
+    assert daemon.complete()["choices"][0]["text"]  # the first one is untouched

@@ -1,0 +1,282 @@
+"""The OpenAI wire format in isolation: request checks and response shapes (no model, no sockets)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hotswap_core.generation import GenerationResult
+from hotswap_core.slots import AdapterVersion
+from hotswapd.protocol import (
+    ApiError,
+    Call,
+    chunk,
+    completion_body,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    sse,
+    usage_chunk,
+)
+
+SEQ = 64
+
+
+def tok(s: str) -> list[int]:
+    return list(s.encode())
+
+
+def render(msgs: list[dict[str, str]]) -> str:
+    return "".join(f"<{m['role']}>{m['content']}" for m in msgs)
+
+
+def comp(**body: Any) -> Call:
+    return parse_completion({"prompt": "hi", **body}, tok, SEQ, 4)
+
+
+def chat(**body: Any) -> Call:
+    return parse_chat({"messages": [{"role": "user", "content": "hi"}], **body}, render, tok, SEQ)
+
+
+def refused(fn: Any, body: dict[str, Any], param: str | None, code: str | None = None) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        fn(**body)
+    err = info.value
+    assert err.status == 400 and err.param == param and err.code == code, err.body()
+    return err
+
+
+# ---- parse_json -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "raw, words",
+    [(b"\xff\xfe{}", "UTF-8"), (b"", "empty"), (b"  \n", "empty"), (b'{"a": NaN}', "NaN"),
+     (b'{"a": -Infinity}', "Infinity"), (b"[" * 100000, "nested"), (b"[1, 2]", "list"),
+     (b'"s"', "str"), (b"{", "not valid JSON")],
+)  # fmt: skip
+def test_parse_json_refuses(raw: bytes, words: str) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_json(raw)
+    assert info.value.status == 400 and words in info.value.message
+
+
+def test_parse_json_accepts_object() -> None:
+    assert parse_json('{"prompt": "é", "n": 1.5}'.encode()) == {"prompt": "é", "n": 1.5}
+
+
+# ---- parse_completion -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [("ab", [[97, 98]]), (["a", "bc"], [[97], [98, 99]]), ([5, 6], [[5, 6]]), ([[1], [2, 3]], [[1], [2, 3]])],
+)
+def test_prompt_forms(prompt: Any, expected: list[list[int]]) -> None:
+    call = comp(prompt=prompt)
+    assert call.prompts == expected and call.params.max_tokens == 16 and not call.stream
+
+
+@pytest.mark.parametrize("prompt", [None, True, 3, {"a": 1}, [], ["a", 1], [[]], [1.5], [-1], ["a"] * 5])
+def test_prompt_refused(prompt: Any) -> None:
+    refused(comp, {"prompt": prompt}, "prompt")
+
+
+@pytest.mark.parametrize("value", [True, 2.0, -1, 0, 10**9, SEQ - 1])
+def test_max_tokens_refused(value: Any) -> None:
+    code = "context_length_exceeded" if value == SEQ - 1 else None  # 2 prompt tokens + 63 > 64
+    refused(comp, {"max_tokens": value}, "max_tokens", code)
+
+
+def test_max_tokens_fills_context_exactly() -> None:
+    assert comp(max_tokens=SEQ - 2).params.max_tokens == SEQ - 2
+
+
+@pytest.mark.parametrize("n", [SEQ, SEQ + 10])
+def test_prompt_alone_too_long(n: int) -> None:
+    refused(comp, {"prompt": [1] * n}, "prompt", "context_length_exceeded")
+    refused(chat, {"messages": [{"role": "u", "content": "x" * n}]}, "messages", "context_length_exceeded")
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("temperature", -0.1), ("temperature", 2.5), ("temperature", True), ("temperature", "1"),
+     ("temperature", float("inf")), pytest.param("temperature", 10**400, id="temperature-huge-int"),
+     ("top_p", 0), ("top_p", 1.01),
+     ("top_p", float("nan")), ("top_p", False), ("seed", 2**64), ("seed", -(2**63) - 1), ("seed", 1.0)],
+)  # fmt: skip
+def test_sampling_numbers_refused(name: str, value: Any) -> None:
+    refused(comp, {name: value}, name)
+
+
+def test_sampling_values_kept() -> None:
+    p = comp(temperature=0, top_p=0.5, seed=2**64 - 1, stop="\n").params
+    assert (p.temperature, p.top_p, p.seed, p.stop) == (0.0, 0.5, 2**63 - 1, ("\n",))
+    assert comp().params.temperature == 1.0 and comp().params.seed is None
+    for seed in (-1, -(2**63), -12345):
+        assert 0 <= comp(seed=seed).params.seed < 2**63
+    assert comp(seed=-1).params.seed != comp(seed=-2).params.seed
+
+
+@pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], "", ["a", ""], [1], {"a": "b"}, 5])
+def test_stop_refused(stop: Any) -> None:
+    refused(comp, {"stop": stop}, "stop")
+
+
+def test_stop_list_kept() -> None:
+    assert comp(stop=["a", "b", "c", "d"]).params.stop == ("a", "b", "c", "d")
+
+
+@pytest.mark.parametrize(
+    "body, stream, usage",
+    [({}, False, False), ({"stream": None}, False, False), ({"stream": True}, True, False),
+     ({"stream": True, "stream_options": {"include_usage": True}}, True, True),
+     ({"stream": False, "stream_options": None}, False, False)],
+)  # fmt: skip
+def test_stream_accepted(body: dict[str, Any], stream: bool, usage: bool) -> None:
+    call = comp(**body)
+    assert (call.stream, call.include_usage) == (stream, usage)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [({"stream": "yes"}, "stream"), ({"stream": 1}, "stream"),
+     ({"stream_options": {"include_usage": True}}, "stream_options"),
+     ({"stream": False, "stream_options": {}}, "stream_options"),
+     ({"stream": True, "stream_options": {"include_usage": "y"}}, "stream_options"),
+     ({"stream": True, "stream_options": [1]}, "stream_options")],
+)  # fmt: skip
+def test_stream_refused(body: dict[str, Any], param: str) -> None:
+    refused(comp, body, param)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("n", 2), ("best_of", 3), ("logprobs", 5), ("echo", True), ("presence_penalty", 0.5),
+     ("frequency_penalty", -1), ("logit_bias", {"1": 5}), ("suffix", "x"), ("tools", [{}])],
+)  # fmt: skip
+def test_unsupported_parameters_refused(name: str, value: Any) -> None:
+    err = refused(comp, {name: value}, name, "unsupported_parameter")
+    assert name in err.message
+    refused(chat, {name: value}, name, "unsupported_parameter")
+
+
+def test_neutral_and_unknown_fields_accepted() -> None:
+    body = {"n": 1, "logprobs": None, "echo": False, "logit_bias": {}, "user": "u", "foo": [1], "model": "m"}
+    assert comp(**body).prompts == [[104, 105]] and comp(logprobs=0).prompts == [[104, 105]]
+    refused(chat, {"logprobs": True}, "logprobs", "unsupported_parameter")
+
+
+@pytest.mark.parametrize("model", [1, ["m"], {"id": "m"}, True])
+def test_model_must_be_string(model: Any) -> None:
+    refused(comp, {"model": model}, "model")
+    refused(chat, {"model": model}, "model")
+
+
+# ---- parse_chat -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "messages, param",
+    [(None, "messages"), ([], "messages"), ("hi", "messages"), ({"role": "user"}, "messages"),
+     (["hi"], "messages[0].role"), ([{"content": "x"}], "messages[0].role"),
+     ([{"role": "user", "content": "x"}, {"role": 1, "content": "y"}], "messages[1].role"),
+     ([{"role": "user", "content": None}], "messages[0].content"),
+     ([{"role": "user"}], "messages[0].content"), ([{"role": "user", "content": 5}], "messages[0].content"),
+     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}], "messages[0].content"),
+     ([{"role": "user", "content": [{"type": "text", "text": 1}]}], "messages[0].content")],
+)  # fmt: skip
+def test_chat_messages_refused(messages: Any, param: str) -> None:
+    refused(chat, {"messages": messages}, param)
+
+
+def test_chat_content_and_defaults() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    call = chat(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": parts}])
+    assert call.prompts == [tok("<system>s<user>ab")]
+    assert call.params.max_tokens == SEQ - len(call.prompts[0])  # default: the room left
+    assert chat(max_completion_tokens=7).params.max_tokens == 7
+    refused(chat, {"max_completion_tokens": SEQ}, "max_completion_tokens", "context_length_exceeded")
+
+
+# ---- errors and responses -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "status, kind",
+    [(400, "invalid_request_error"), (403, "permission_error"), (404, "not_found_error"),
+     (429, "rate_limit_error"), (503, "service_unavailable_error"), (500, "server_error")],
+)  # fmt: skip
+def test_error_body(status: int, kind: str) -> None:
+    body = ApiError(status, "msg", param="p", code="c").body()
+    assert body == {"error": {"message": "msg", "type": kind, "param": "p", "code": "c"}}
+
+
+AD = AdapterVersion("v7", "ab" * 32, "directory")
+
+
+def result(text: str, ids: int, prompt: int, reason: str) -> GenerationResult:
+    return GenerationResult(text, tuple(range(ids)), prompt, reason, AD, 0.1, 0.2)
+
+
+RESULTS = [result("x", 2, 3, "length"), result("yz", 4, 5, "stop"), result("", 1, 2, "cancelled")]
+USAGE = {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17}
+
+
+@pytest.mark.parametrize("is_chat", [False, True])
+def test_completion_body(is_chat: bool) -> None:
+    body = completion_body("rid", "m", RESULTS, is_chat)
+    assert body["object"] == ("chat.completion" if is_chat else "text_completion")
+    assert (body["id"], body["model"], body["usage"]) == ("rid", "m", USAGE) and isinstance(body["created"], int)
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop", "stop"]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    texts = [c["message"]["content"] if is_chat else c["text"] for c in body["choices"]]
+    assert texts == ["x", "yz", ""]
+    if is_chat:
+        assert all(c["message"]["role"] == "assistant" for c in body["choices"])
+    assert body["adapter"] == {"version": "v7", "sha256": "ab" * 32, "source": "directory"}
+    json.dumps(body)
+
+
+def test_chunks() -> None:
+    first = chunk("rid", "m", AD, True, 0, "he", None, first=True)
+    assert first["object"] == "chat.completion.chunk" and first["adapter"]["version"] == "v7"
+    assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": "he"}, "logprobs": None,
+                                 "finish_reason": None}]  # fmt: skip
+    assert chunk("rid", "m", AD, True, 1, "y", None)["choices"][0]["delta"] == {"content": "y"}
+    last = chunk("rid", "m", AD, True, 1, None, "length")["choices"][0]
+    assert last["delta"] == {} and last["finish_reason"] == "length"
+    text = chunk("rid", "m", AD, False, 2, None, "stop")
+    assert text["object"] == "text_completion" and text["choices"][0]["text"] == ""
+    assert text["choices"][0]["index"] == 2 and text["choices"][0]["finish_reason"] == "stop"
+    for is_chat, obj in ((True, "chat.completion.chunk"), (False, "text_completion")):
+        u = usage_chunk("rid", "m", is_chat, RESULTS)
+        assert u["object"] == obj and u["choices"] == [] and u["usage"] == USAGE
+
+
+def test_sse() -> None:
+    assert sse("[DONE]") == b"data: [DONE]\n\n"
+    raw = sse({"a": "é"})
+    assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and json.loads(raw[6:]) == {"a": "é"}
+
+
+# ---- property: no body crashes the parser ---------------------------------------------------------
+FIELDS = [
+    "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
+    "stream_options", "model", "n", "best_of", "logprobs", "echo", "logit_bias", "suffix", "response_format",
+]  # fmt: skip
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=5) | st.dictionaries(st.text(max_size=6), kids, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), JSON, max_size=6), st.booleans())
+def test_any_body_is_a_call_or_a_400(body: dict[str, Any], with_prompt: bool) -> None:
+    if with_prompt:
+        body.setdefault("prompt", "hello")
+    body = json.loads(json.dumps(body))  # exactly what could arrive on the wire
+    try:
+        call = parse_completion(body, tok, SEQ, 4)
+    except ApiError as err:
+        assert err.status == 400 and err.body()["error"]["type"] == "invalid_request_error"
+    else:
+        assert isinstance(call, Call) and 1 <= call.params.max_tokens <= SEQ - max(map(len, call.prompts))
