@@ -117,6 +117,7 @@ def _run(config_path: str, on_ready: Callable[[Daemon], None] | None = None) -> 
 
     daemon = Daemon(config_path, load_config(config_path))
     daemon.on_ready = on_ready
+    daemon.metrics_port_fallback = on_ready is not None  # the demo: a busy 9464 must not spoil it
     return daemon.run()
 
 
@@ -198,18 +199,18 @@ def _demo_ready(assets: DemoAssets) -> Callable[[Daemon], None]:
         print(f"live: {res.adapter.version:<8} {prompt!r} -> {res.text!r}", flush=True)
 
     def on_ready(daemon: Daemon) -> None:
-        sock, root = assets.root / "hotswapd.sock", assets.root
+        sock, watched = assets.root / "hotswapd.sock", assets.watched
         body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0})
+        assert daemon.swapper is not None
+        # Suggest the example that is not live (a second run restores what the first left live).
+        live_path = daemon.swapper.live.path or ""
+        other = assets.alpha if Path(live_path).name.startswith("bravo") else assets.bravo
         print(f"\nhotswapd is serving on {sock}. In another terminal:\n", flush=True)
-        print(f"  curl -s --unix-socket {sock} http://localhost/v1/completions -H 'Content-Type: application/json' \\\n"
-              f"       -d '{body}'")  # fmt: skip
-        print(
-            f"  cp -r {assets.bravo} {root}/adapters/.bravo.tmp && mv {root}/adapters/.bravo.tmp {root}/adapters/bravo"
-        )
-        print(f"  curl -s {daemon.metrics_url or '(metrics disabled)'} | grep '^hotswapd_swaps_total'\n")
+        print(f"  curl -s --unix-socket {sock} http://localhost/v1/completions -d '{body}'")
+        print(f"  cp -r {other} {watched}/.incoming && mv {watched}/.incoming {watched}/{other.name}-$(date +%s)")
+        print(f"  curl -s {daemon.metrics_url or '(metrics disabled)'} | grep '^hotswapd_swap'\n")
         print("Ctrl-C stops it.", flush=True)
         show(daemon)
-        assert daemon.swapper is not None
         daemon.swapper.listeners.append(
             lambda result, rec: show(daemon) if result in ("success", "rolled_back") else None
         )

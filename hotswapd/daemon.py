@@ -51,6 +51,7 @@ class Daemon:
         self.server: Server | None = None
         self.metrics_url: str | None = None
         self.on_ready: Callable[[Daemon], None] | None = None  # the demo prints its three lines here
+        self.metrics_port_fallback = False  # the demo: take a free port when metrics.listen is busy
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._startup_since: float | None = None
@@ -100,7 +101,13 @@ class Daemon:
 
         host, _, port = self.config.metrics.listen.rpartition(":")
         try:
-            httpd, _thread = start_http_server(int(port), host.strip("[]"), registry=self.metrics.registry)
+            try:
+                httpd, _thread = start_http_server(int(port), host.strip("[]"), registry=self.metrics.registry)
+            except OSError:
+                if not self.metrics_port_fallback:
+                    raise
+                log.warning("metrics port %s is busy; using a free one", self.config.metrics.listen)
+                httpd, _thread = start_http_server(0, host.strip("[]"), registry=self.metrics.registry)
         except OSError as exc:
             raise DaemonError(
                 f"cannot serve metrics on {self.config.metrics.listen}: {exc.strerror or exc} "

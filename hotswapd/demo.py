@@ -118,6 +118,7 @@ def build_demo(root: Path, *, force: bool = False) -> DemoAssets:
     root = Path(root).absolute()
     assets = DemoAssets.at(root)
     marker = root / MARKER
+    assets.watched.mkdir(parents=True, exist_ok=True)  # the user may have removed it; the daemon wants it
     if not force and marker.is_file() and marker.read_text().strip() == DEMO_VERSION:
         logger.info("demo assets in %s are complete; reusing them", root)
         return assets
@@ -125,7 +126,6 @@ def build_demo(root: Path, *, force: bool = False) -> DemoAssets:
     marker.unlink(missing_ok=True)
     for stale in (assets.base, root / "examples"):
         shutil.rmtree(stale, ignore_errors=True)
-    assets.watched.mkdir(parents=True, exist_ok=True)
     with _seeded_single_thread():
         _build_tokenizer().save_pretrained(assets.base)
         base = _build_base()

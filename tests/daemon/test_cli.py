@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -102,3 +106,47 @@ def test_demo_no_serve_builds_assets_in_the_given_dir(tmp_path: Path, cli_env: d
         env=cli_env,
     )
     assert check.returncode == 0, check.stdout
+
+
+@pytest.mark.slow
+def test_demo_serves_prints_three_lines_and_visibly_flips(demo_assets: Any, cli_env: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="hs-demo-", dir="/tmp") as d:  # short: the socket lives in it
+        root = Path(d) / "demo"
+        # The built assets and their warm inductor cache, without the session's adapters/ and state/.
+        shutil.copytree(demo_assets.root, root, ignore=shutil.ignore_patterns("adapters", "state", "*.sock"))
+        proc = subprocess.Popen(
+            run_cli("demo", "--dir", str(root)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=cli_env,
+        )
+        lines: list[str] = []
+
+        def read_until(pred: Any, timeout: float) -> str:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline() if proc.stdout else ""
+                if not line and proc.poll() is not None:
+                    break
+                lines.append(line)
+                if pred(line):
+                    return line
+            raise AssertionError("demo output so far:\n" + "".join(lines))
+
+        try:
+            assert "alpha" in read_until(lambda s: s.startswith("live:"), 300)
+            commands = [s.strip() for s in lines if s.startswith("  curl") or s.startswith("  cp")]
+            curl, drop, metrics = commands  # the three lines a newcomer needs, in that order
+            answer = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60, check=True)
+            assert json.loads(answer.stdout)["choices"][0]["text"].startswith(" alpha")
+            subprocess.run(["bash", "-c", drop], timeout=60, check=True)
+            assert "' bravo" in read_until(lambda s: s.startswith("live: bravo"), 30)
+            scraped = subprocess.run(["bash", "-c", metrics], capture_output=True, text=True, timeout=60)
+            assert 'hotswapd_swaps_total{result="success"}' in scraped.stdout
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
