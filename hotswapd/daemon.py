@@ -55,10 +55,17 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._startup_since: float | None = None
+        self._abandoned = False  # a start-up thread was left running when a stop came
 
     # ---- the whole life -----------------------------------------------------------------------
     def run(self) -> int:
-        return asyncio.run(self._main())
+        rc = asyncio.run(self._main())
+        if self._abandoned:
+            # A start-up thread is still inside torch (loading or compiling) and cannot be
+            # interrupted; letting the interpreter finalize under it aborts the process. Leave now.
+            logging.shutdown()
+            os._exit(rc)
+        return rc
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
@@ -167,6 +174,7 @@ class Daemon:
         stop.cancel()
         if not wrapped.done():
             log.warning("stopping during start-up")
+            self._abandoned = True
             return False
         wrapped.result()
         return True

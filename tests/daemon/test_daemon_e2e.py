@@ -170,6 +170,7 @@ def test_openai_client_and_curl(daemon: DaemonProcess) -> None:
     client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
     done = client.completions.create(model="hotswapd-demo-tiny-llama", prompt="Hello =>", max_tokens=8, temperature=0)
     assert done.choices[0].text.startswith(" alpha") and done.usage is not None and done.usage.completion_tokens > 0
+    assert (done.model_extra or {})["adapter"]["version"] == "again"  # as the README shows
     parts = list(
         client.completions.create(model="m", prompt="Hello =>", max_tokens=8, temperature=0, stream=True, seed=1)
     )
