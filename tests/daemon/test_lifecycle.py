@@ -4,17 +4,21 @@ restoring the last committed version (and an operator's rollback), stale sockets
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import tempfile
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hotswapd.client import Client, ClientError
+from hotswapd.client import Client, ClientError, _UnixConnection
 from hotswapd.demo import DemoAssets
 
 from .harness import DaemonProcess, drop_adapter, wait_until, write_config
@@ -124,3 +128,65 @@ def test_restart_serves_the_last_committed_version_and_keeps_a_rollback(
         assert d.live() == "alpha-offline"
     finally:
         assert d.stop() == 0
+
+
+def test_full_queue_answers_429_and_a_disconnect_cancels_its_generation(
+    demo_assets: DemoAssets, workdir: Path, cli_env: dict[str, str]
+) -> None:
+    d = _start(demo_assets, workdir, cli_env, "overload", **{"adapter.initial": None, "server.max_queue": 8})
+    try:
+        d.wait_ready()
+        long = {"prompt": "long =>", "max_tokens": 200, "temperature": 0}
+        t0 = time.monotonic()
+        full = d.client.post("/v1/completions", long)
+        full_s = time.monotonic() - t0
+        assert full["usage"]["completion_tokens"] > 100, full  # the base model rambles: a long generation
+
+        # A client that goes away after its first chunk: its row stops, so the batch ends early and
+        # the next request does not wait for 200 tokens nobody will read.
+        conn = _UnixConnection(str(d.sock), 30)
+        conn.request("POST", "/v1/completions", body=json.dumps({**long, "stream": True}))
+        response = conn.getresponse()
+        assert response.readline().startswith(b"data: ")
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        t0 = time.monotonic()
+        d.client.post("/v1/completions", {"prompt": "x =>", "max_tokens": 1})
+        assert time.monotonic() - t0 < full_s / 2, (time.monotonic() - t0, full_s)
+
+        # One batch of 8 running (streams that have started), 8 waiting (server.max_queue): the next
+        # request is told to come back later.
+        running = [Client(str(d.sock)).stream("/v1/completions", long) for _ in range(8)]
+        pool = ThreadPoolExecutor(16)
+        firsts = [pool.submit(next, s) for s in running]
+        for f in firsts:
+            f.result(60)
+        queued = [pool.submit(d.client.post, "/v1/completions", long) for _ in range(8)]
+        metrics_url = re.search(r"metrics on (http://\S+)", d.log)
+        assert metrics_url
+        wait_until(lambda: _scrape(metrics_url[1], "hotswapd_queue_depth") == 8, 30, "8 queued requests")
+        overflow = _overflow(d)
+        assert overflow is not None and overflow["error"]["code"] == "queue_full" and overflow["retry_after"] == "1"
+        finished = [pool.submit(list, s) for s in running]
+        for f in [*queued, *finished]:
+            f.result(120)  # the running and the queued ones were all served
+        pool.shutdown()
+        assert d.complete()["choices"][0]["text"]
+    finally:
+        assert d.stop() == 0
+
+
+def _scrape(url: str, name: str) -> float | None:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+def _overflow(d: DaemonProcess) -> dict[str, Any] | None:
+    conn = _UnixConnection(str(d.sock), 30)
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "one more =>", "max_tokens": 1}))
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    return {**body, "retry_after": response.getheader("Retry-After")} if response.status == 429 else None
