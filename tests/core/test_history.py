@@ -307,7 +307,9 @@ def test_fingerprint_changes_with_content_and_size(tmp_path: Path) -> None:
     assert fp0 == fingerprint(adapter)  # stable while nothing changes
     assert "adapter_model.safetensors" in fp0
 
-    weights.write_bytes(b"a" * 17)  # size change
+    st0 = weights.stat()
+    weights.write_bytes(b"a" * 17)  # size change; mtime pinned so only the size tells
+    os.utime(weights, ns=(st0.st_atime_ns, st0.st_mtime_ns))
     fp1 = fingerprint(adapter)
     assert fp1 != fp0
 
