@@ -65,9 +65,16 @@ def test_sigterm_lets_streams_in_flight_finish_then_exits_0(
                 streams[i] = exc
                 first_chunk[i].set()
 
+        # A long stream first: while its batch runs, the four below queue up and then share one
+        # batch, so all four are mid-stream together (a row's result arrives when its batch ends).
+        blocker = Client(str(d.sock)).stream(
+            "/v1/completions", {"prompt": "first =>", "max_tokens": 200, "temperature": 0}
+        )
+        next(blocker)
         threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
+        list(blocker)
         for e in first_chunk:
             assert e.wait(60)
         d.signal(signal.SIGTERM)
