@@ -77,6 +77,7 @@ class History:
         self.chain: list[AdapterVersion] = [BASE_VERSION]
         # A version explicitly rolled back from is not re-applied until a newer candidate lands.
         self.rolled_back: set[str] = set()
+        self.rolled_back_versions: set[str] = set()  # their names (a Hub source re-offers repo@sha on restart)
         # Unix time the live version was committed (or rolled back to): a candidate that landed
         # before it is not newer, so a restart does not undo an operator's swap or rollback.
         self.live_since: float | None = None
@@ -116,6 +117,7 @@ class History:
             self.chain.append(version)
             del self.chain[:-50]  # bounded; rollback depth of 50 is plenty
             self.rolled_back.discard(version.sha256)
+            self.rolled_back_versions.discard(version.version)
             self.live_since = time.time()
         self.save()
 
@@ -126,6 +128,7 @@ class History:
         with self._lock:
             gone = self.chain.pop()
             self.rolled_back.add(gone.sha256)
+            self.rolled_back_versions.add(gone.version)
             self.live_since = time.time()
         self.save()
         return self.live
@@ -139,6 +142,7 @@ class History:
                 state = {
                     "chain": [dataclasses.asdict(v) for v in self.chain],
                     "rolled_back": sorted(self.rolled_back),
+                    "rolled_back_versions": sorted(self.rolled_back_versions),
                     "live_since": self.live_since,
                     "rejected": [dataclasses.asdict(r) for r in self.rejected.values()],
                     "saved_at": time.time(),
@@ -160,6 +164,7 @@ class History:
             state = json.loads(path.read_text())
             chain = [AdapterVersion(**v) for v in state["chain"]]
             rolled_back = set(state.get("rolled_back", []))
+            rolled_back_versions = {str(v) for v in state.get("rolled_back_versions", [])}
             live_since = state.get("live_since")
             rejected = {r["path"]: Rejection(**r) for r in state.get("rejected", [])}
             if live_since is not None and not isinstance(live_since, (int, float)):
@@ -172,6 +177,7 @@ class History:
         with self._lock:
             self.chain = chain or [BASE_VERSION]
             self.rolled_back = rolled_back
+            self.rolled_back_versions = rolled_back_versions
             self.live_since = live_since
             self.rejected = rejected
         return True

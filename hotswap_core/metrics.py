@@ -11,9 +11,11 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+from hotswap_core.adapters import REASONS
 
 SWAP_RESULTS = ("success", "rejected", "failed", "rolled_back")
 SWAP_PHASES = ("detect", "validate", "load", "stage", "verify", "commit")
@@ -33,6 +35,8 @@ class Metrics:
     """The metric set. ``registry`` is what the metrics endpoint serves."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # No "_created" series: they double the exposition and no dashboard or alert here uses them.
+        disable_created_metrics()
         self.registry = r = registry or CollectorRegistry(auto_describe=True)
         self.swaps = Counter("hotswapd_swaps", "Swap transactions by result.", ["result"], registry=r)
         self.swap_duration = Histogram(
@@ -101,19 +105,32 @@ class Metrics:
             ["version", "torch", "transformers", "peft", "device", "python"],
             registry=r,
         )
-        self.state_write_failures = Counter(
-            "hotswapd_state_write_failures", "Failed writes of the persisted state (state_dir).", registry=r
-        )
         self._recompilations = _CounterFromFunction(
             "hotswapd_recompilations", "Graphs compiled after warm-up (must stay 0).", lambda: 0
         )
+        self._state_write_failures = _CounterFromFunction(
+            "hotswapd_state_write_failures", "Failed writes of the persisted state in state_dir.", lambda: 0
+        )
         r.register(self._recompilations)
+        r.register(self._state_write_failures)
         for result in SWAP_RESULTS:
             self.swaps.labels(result)
         for phase in SWAP_PHASES:
             self.swap_phase.labels(phase)
         for result in HUB_POLL_RESULTS:
             self.hub_polls.labels(result)
+        for reason in REASONS:
+            self.validation_failures.labels(reason)
+        for endpoint in ("completions", "chat_completions"):
+            self.requests.labels(endpoint, "200")
+
+    def watch_source(self, source: str, kinds: Iterable[str]) -> None:
+        """Export the configured source's event kinds at 0 from the start."""
+        for kind in kinds:
+            self.source_events.labels(source, kind)
+
+    def watch_history(self, persist_failures: Callable[[], int]) -> None:
+        self._state_write_failures.read = persist_failures
 
     def watch_engine(self, recompilations: Callable[[], int], queue_depth: Callable[[], int]) -> None:
         """Read these at scrape time (no polling thread)."""

@@ -49,7 +49,9 @@ class Swapper:
         self.engine = engine
         self.validation = validation
         self.history = history
-        self.listeners: list[Callable[[str, SwapRecord], None]] = []  # (event kind, record)
+        # (kind, record): "seen" and "staged" as a transaction goes, then its result (success,
+        # rejected, failed, rolled_back, unchanged) with the finished record.
+        self.listeners: list[Callable[[str, SwapRecord], None]] = []
         self._lock = threading.Lock()
 
     @property
@@ -75,6 +77,7 @@ class Swapper:
             if seen_at is not None:
                 timer.phases["detect"] = max(0.0, time.monotonic() - seen_at)
             spec: AdapterSpec | None = None
+            self._notify("seen", SwapRecord(version or Path(path).name, None, source, path, "seen", started_at=started))
 
             def outcome(
                 result: str, reason: str | None = None, message: str | None = None, stall: float | None = None
@@ -161,6 +164,10 @@ class Swapper:
         slots = self.engine.slots
         with timer.phase("stage"):
             slots.stage(slots.standby, target, weights, spec.scalings)
+        self._notify(
+            "staged",
+            SwapRecord(target.version, target.sha256, target.source, target.path, "staged", phases=dict(timer.phases)),
+        )
         if self.validation.smoke_prompts:
             with timer.phase("verify"):
                 self._verify(spec)
@@ -212,9 +219,12 @@ class Swapper:
             phases,
             f" message={record.message!r}" if record.message else "",
         )
+        self._notify(record.result, record)
+        return record
+
+    def _notify(self, kind: str, record: SwapRecord) -> None:
         for listener in self.listeners:
             try:
-                listener(record.result, record)
+                listener(kind, record)
             except Exception:
                 log.exception("swap listener failed")
-        return record

@@ -26,8 +26,12 @@ from hotswap_core.engine import Engine
 from hotswap_core.errors import ConfigError, HotswapError
 from hotswap_core.history import History, SwapRecord
 from hotswap_core.metrics import Metrics
+from hotswap_core.sources.directory import EVENT_KINDS as SOURCE_EVENT_KINDS
 from hotswap_core.sources.directory import Candidate, DirectorySource
+from hotswap_core.sources.hub import EVENT_KINDS as HUB_EVENT_KINDS
+from hotswap_core.sources.hub import HubSource, hub_cache_dir
 from hotswap_core.swap import Swapper
+from hotswapd.events import EventBus
 from hotswapd.server import Server, ServingState, bind_unix_socket
 
 log = logging.getLogger("hotswapd.daemon")
@@ -45,9 +49,10 @@ class Daemon:
         self.metrics = Metrics()
         self.history = History(config.state_dir)
         self.state = ServingState(config.server)
+        self.events = EventBus()
         self.engine: Engine | None = None
         self.swapper: Swapper | None = None
-        self.source: DirectorySource | None = None
+        self.source: DirectorySource | HubSource | None = None
         self.server: Server | None = None
         self.metrics_url: str | None = None
         self.on_ready: Callable[[Daemon], None] | None = None  # the demo prints its three lines here
@@ -69,6 +74,7 @@ class Daemon:
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
+        self.events.bind(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
@@ -137,6 +143,7 @@ class Daemon:
             self.metrics,
             model_id=_model_id(self.config),
             describe_source=self.describe_source,
+            events=self.events,
         )
         await self.server.start(sock)
         log.info("listening on %s (readyz answers 503 until warm-up is done)", self.config.server.socket)
@@ -147,6 +154,9 @@ class Daemon:
         engine.on_batch = self.metrics.batch_size.observe
         self.metrics.watch_engine(lambda: engine.recompilations, lambda: engine.queue_depth)
         self.metrics.set_build_info(str(engine.device))
+        self.metrics.watch_history(lambda: self.history.persist_failures)
+        if self.config.source.kind == "directory":
+            self.metrics.watch_source("directory", SOURCE_EVENT_KINDS)
         engine.start()
         if not await self._in_thread(self._choose_first_version):
             return
@@ -189,6 +199,7 @@ class Daemon:
         assert self.server is not None
         log.info("stopping: no new connections; draining %d in-flight requests", self.server.inflight)
         self.state.draining = True
+        self.events.close()
         await self.server.stop_accepting()
         if self.source is not None:
             await asyncio.to_thread(self.source.stop)
@@ -236,34 +247,51 @@ class Daemon:
 
     # ---- the source -----------------------------------------------------------------------------
     def _directory(self) -> DirectorySource:
-        if self.source is None:
+        if not isinstance(self.source, DirectorySource):
             self.source = DirectorySource(
                 self.config.source.directory, self._on_candidate, skip=self._skip, on_event=self._on_source_event
             )
         return self.source
 
     def _start_source(self) -> None:
-        if self.config.source.kind == "directory":
+        kind = self.config.source.kind
+        if kind == "directory":
             self._directory().start()
             log.info("watching %s", self.config.source.directory.path)
-        elif self.config.source.kind == "hub":
-            log.error("source.kind 'hub' is not available in this build; serving without a source")
+        elif kind == "hub":
+            hub = self.config.source.hub
+            self.source = HubSource(
+                hub,
+                hub_cache_dir(self.config.state_dir),
+                self._on_candidate,
+                skip=self._skip,
+                on_event=self._on_source_event,
+                on_poll=lambda result: self.metrics.hub_polls.labels(result).inc(),
+            )
+            self.metrics.watch_source("hub", HUB_EVENT_KINDS)
+            self.source.start()
+            log.info("watching %s at %s on %s", hub.repo_id, hub.revision, hub.endpoint or "the Hugging Face Hub")
 
     def _skip(self, c: Candidate) -> bool:
         if self.history.is_rejected(str(c.path), c.fingerprint):
             return True
+        if self.config.source.kind == "hub":
+            # Restarted, the Hub source offers the branch head again: not if the operator rolled back from it.
+            return c.version in self.history.rolled_back_versions
         # At start-up, what landed before the restored version was committed is not newer.
         return self._startup_since is not None and c.landed_at <= self._startup_since
 
     def _on_candidate(self, c: Candidate) -> None:
         assert self.swapper is not None
-        self.swapper.swap(c.path, version=c.version, source="directory", seen_at=c.seen_at)
+        self.swapper.swap(c.path, version=c.version, source=self.config.source.kind, seen_at=c.seen_at)
 
     def _on_source_event(self, kind: str) -> None:
         self.metrics.source_events.labels(self.config.source.kind, kind).inc()
 
     def describe_source(self) -> dict[str, Any]:
         kind = self.config.source.kind
+        if isinstance(self.source, HubSource):
+            return {"kind": kind, **self.source.status()}
         if kind != "directory":
             return {"kind": kind}
         d = self.config.source.directory
@@ -278,6 +306,9 @@ class Daemon:
         }
 
     def _on_swap(self, result: str, record: SwapRecord) -> None:
+        self.events.publish(result, record)
+        if result in ("seen", "staged"):
+            return
         m = self.metrics
         for phase, seconds in record.phases.items():
             m.swap_phase.labels(phase).observe(seconds)
@@ -323,9 +354,11 @@ class Daemon:
         self.state.config = server
         if self.swapper is not None:
             self.swapper.validation = new.validation
-        if self.source is not None:
+        if isinstance(self.source, DirectorySource):
             self.source.update_config(source.directory)
             await asyncio.to_thread(self.source.rescan)
+        elif isinstance(self.source, HubSource):
+            self.source.update_config(source.hub)  # polls at once when anything but poll_seconds changed
         changed = [k for k in ("source", "validation", "server") if getattr(self.config, k) != getattr(old, k)]
         log.info("reloaded: %s", ", ".join(changed) if changed else "nothing changed")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import json
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ from hotswap_core.metrics import Metrics
 from hotswap_core.slots import AdapterVersion
 from hotswap_core.swap import Swapper
 from hotswapd import protocol
+from hotswapd.events import EventBus
 from hotswapd.protocol import ApiError, Call
 
 log = logging.getLogger("hotswapd.server")
@@ -41,11 +43,15 @@ _ENDPOINTS = {
     "/v1/chat/completions": "chat_completions",
     "/v1/models": "models",
     "/v1/adapters": "adapters",
+    "/v1/adapters/events": "adapters",
     "/v1/adapters/swap": "admin",
     "/v1/adapters/rollback": "admin",
     "/healthz": "health",
     "/readyz": "health",
 }
+
+
+_KEEPALIVE_S = 15.0
 
 
 class SocketInUse(OSError):
@@ -123,10 +129,12 @@ class Server:
         *,
         model_id: str,
         describe_source: Callable[[], dict[str, Any]],
+        events: EventBus,
     ) -> None:
         self.state, self.engine, self.swapper, self.metrics = state, engine, swapper, metrics
         self.model_id = model_id
         self.describe_source = describe_source
+        self.events = events
         self.inflight = 0
         self.app = web.Application(client_max_size=state.config.max_body_bytes, middlewares=[self._middleware])
         r = self.app.router
@@ -136,6 +144,7 @@ class Server:
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/chat/completions", self.chat_completions)
         r.add_get("/v1/adapters", self.adapters)
+        r.add_get("/v1/adapters/events", self.adapter_events)
         r.add_post("/v1/adapters/swap", self.admin_swap)
         r.add_post("/v1/adapters/rollback", self.admin_rollback)
         self._runner: web.AppRunner | None = None
@@ -231,6 +240,28 @@ class Server:
             "recompilations": self.engine.recompilations,
         }
         return web.json_response(body)
+
+    async def adapter_events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: seen, staged, committed, rejected, failed, rolled_back, unchanged."""
+        queue = self.events.subscribe()
+        try:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            await response.write(b": subscribed\n\n")
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), _KEEPALIVE_S)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")  # also finds a client that went away
+                    continue
+                if event is None:  # shutting down, or this subscriber fell too far behind
+                    break
+                payload = f"event: {event['event']}\nid: {event['seq']}\ndata: {json.dumps(event)}\n\n"
+                await response.write(payload.encode())
+        finally:
+            self.events.unsubscribe(queue)
+        await response.write_eof()
+        return response
 
     # ---- admin ----------------------------------------------------------------------------------
     def _require_admin(self, request: web.Request) -> None:

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -54,6 +54,7 @@ from hotswap_core.config import DirectorySourceConfig, ValidationConfig
 from hotswap_core.errors import AdapterRejected
 from hotswap_core.history import fingerprint
 from hotswap_core.safetensors_header import parse_header
+from hotswap_core.sources import call_back
 
 log = logging.getLogger("hotswapd.source.directory")
 
@@ -66,6 +67,7 @@ _DIGEST = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})\b")
 # (opened, closed_no_write) must be neither, or every look would trigger the next one.
 _EVENTS = {"created": "created", "modified": "modified", "attrib": "modified", "deleted": "deleted",
            "moved": "moved", "closed": None}  # fmt: skip
+EVENT_KINDS = ("created", "modified", "deleted", "moved", "rescan", "missing")  # what on_event reports
 State = Literal["complete", "arriving", "broken"]
 
 
@@ -176,7 +178,7 @@ class DirectorySource:
                 self._first_event = time.monotonic()
         self._wake.set()
         if kind is not None:
-            self._call(self._on_event, kind)
+            call_back(log, self._on_event, kind)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -217,7 +219,7 @@ class DirectorySource:
             if root_id != self._root_id or dead:  # gone, back, or replaced: what is in it now is all new
                 if root_id == ():
                     log.warning("watched folder %s is missing; still serving, looking for it again", root)
-                    self._call(self._on_event, "missing")
+                    call_back(log, self._on_event, "missing")
                 elif self._root_id == ():
                     log.info("watched folder %s is back", root)
                 self._root_id, self._last_offered = root_id, None
@@ -226,7 +228,7 @@ class DirectorySource:
             if self._thread is not None and (self._armed != key or dead):
                 self._arm(root, key)
             if periodic:
-                self._call(self._on_event, "rescan")
+                call_back(log, self._on_event, "rescan")
             entries = self._entries(root)
             tracks: dict[Path, _Track] = {}
             for path, arrival in (entries or {}).items():
@@ -271,11 +273,11 @@ class DirectorySource:
             return None
         winner, fresh = ready[0], (ready[0].path, ready[0].fingerprint) not in self._done
         self._done.update((c.path, c.fingerprint) for c in ready)
-        if not fresh or self._call(self._skip, winner):
+        if not fresh or call_back(log, self._skip, winner):
             return None
         log.info("offering %s (%s)", winner.version, winner.path)
         self._last_offered = winner.path
-        self._call(self._on_candidate, winner)
+        call_back(log, self._on_candidate, winner)
         return winner
 
     def _stale_after(self) -> float:
@@ -351,15 +353,6 @@ class DirectorySource:
             observer.stop()
             if observer.is_alive():
                 observer.join()
-
-    @staticmethod
-    def _call(fn: Callable[[Any], object], arg: object) -> Any:
-        """Call back into the daemon; what it raises is logged, never kills the source's thread."""
-        try:
-            return fn(arg)
-        except Exception:
-            log.exception("%s(%r) raised; the source carries on", getattr(fn, "__name__", fn), arg)
-            return None
 
 
 class _Hints(FileSystemEventHandler):

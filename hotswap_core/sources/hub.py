@@ -1,0 +1,341 @@
+"""Hub source: polls a Hugging Face Hub branch or tag and offers each new commit's adapter.
+
+A poll resolves ``revision`` to a commit sha (one API call). A sha not handled before is fetched with
+``snapshot_download`` pinned to it, the adapter config and safetensors weights only (nothing is unpickled), into
+``cache_dir`` (Hub cache layout); its snapshot folder is offered as ``repo_id@sha``, at most once. Failures are
+logged and retried with exponential backoff and full jitter, a 429's ``Retry-After`` as a floor; none escapes.
+
+Why it looks as it does (huggingface_hub 2.4.0):
+
+* ``resolve_revision`` answers from the cached ref when the Hub is unreachable (an outage would read as
+  "unchanged"); ``model_info`` raises instead.
+* The shared httpx client has no default timeout and ``snapshot_download`` lists the tree with ``timeout=None``: a
+  stalled connection would hang the poll for ever. A request hook caps the timeouts of this repo's requests only.
+* The client checks each file's size and retries a short one, then deletes the partial file; but the snapshot
+  folder can still hold a short file (a size nobody reported, a damaged cache), so sizes are checked here
+  against the tree listing the download cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from huggingface_hub import HfApi, constants, get_cached_repo_tree, get_session, snapshot_download
+from huggingface_hub.errors import CachedRepoTreeNotFoundError, HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import tqdm as hf_tqdm
+
+from hotswap_core.adapters import CONFIG_NAME, WEIGHTS_NAME
+from hotswap_core.config import HubSourceConfig
+from hotswap_core.errors import HotswapError, SourceError
+from hotswap_core.sources import call_back
+from hotswap_core.sources.directory import Candidate
+
+log = logging.getLogger("hotswapd.source.hub")
+
+ALLOW_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME)
+EVENT_KINDS = ("poll", "error", "rate_limited")  # what on_event reports (on_poll: metrics.HUB_POLL_RESULTS)
+_MAX_BACKOFF_S = 15 * 60.0
+_STOP_WAIT_S = 5.0  # stop() waits this long for a poll in flight; a late one offers nothing
+# Logged without a traceback: the Hub, the network, the disk, a malformed repo id.
+_EXPECTED = (HotswapError, OSError, httpx2.HTTPError, CachedRepoTreeNotFoundError, HFValidationError)
+
+
+def hub_cache_dir(state_dir: str | Path) -> Path:
+    """Where snapshots go: ``$HF_HUB_CACHE`` when set (a cache shared with other tools), else ``state_dir/hub``."""
+    env = os.environ.get("HF_HUB_CACHE")
+    return Path(env).expanduser() if env else Path(state_dir) / "hub"
+
+
+class HubSource:
+    """Polls ``config.revision`` of ``config.repo_id`` and calls ``on_candidate`` (serially) with each new commit.
+
+    ``skip(candidate)`` vetoes an offer (the sha still counts as handled). ``on_poll(result)`` is called once per
+    poll with ``unchanged``, ``changed``, ``error`` or ``rate_limited``; ``on_event(kind)`` with ``poll``, ``error``,
+    ``rate_limited``. ``timeout_s`` bounds every network wait; ``jitter(ceiling)`` picks a backoff delay in
+    ``[0, ceiling]`` (random by default; tests pass a deterministic one).
+    """
+
+    def __init__(
+        self,
+        config: HubSourceConfig,
+        cache_dir: str | Path,
+        on_candidate: Callable[[Candidate], None],
+        *,
+        skip: Callable[[Candidate], bool] = lambda c: False,
+        on_event: Callable[[str], None] | None = None,
+        on_poll: Callable[[str], None] | None = None,
+        timeout_s: float = 10.0,
+        jitter: Callable[[float], float] | None = None,
+    ) -> None:
+        self._config, self._cache_dir, self._timeout_s = config, Path(cache_dir), timeout_s
+        self._on_candidate, self._skip = on_candidate, skip
+        self._on_event = on_event or (lambda kind: None)
+        self._on_poll = on_poll or (lambda result: None)
+        self._jitter = jitter or (lambda ceiling: random.uniform(0.0, ceiling))
+        self._cap = _TimeoutCap()
+        self._poll_lock = threading.Lock()  # one poll at a time: the thread's or poll_now's
+        self._lock = threading.Lock()  # the fields below, read by status()
+        self._handled: set[str] = set()  # versions offered or vetoed: never offered again
+        self._first_seen: dict[str, float] = {}  # the pending version -> monotonic time first resolved
+        self._suspect: set[str] = set()  # versions whose cached files looked wrong: re-download them
+        self._last_sha: str | None = None
+        self._last_poll_at: float | None = None
+        self._last_poll_mono: float | None = None
+        self._last_result: str | None = None
+        self._last_error: str | None = None
+        self._failures = 0
+        self._due = time.monotonic()  # the next poll (monotonic)
+        self._wake = threading.Event()
+        self._stop: threading.Event | None = None  # one per thread, so a late thread never resumes
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the poll thread: it polls at once, then every ``poll_seconds`` (or later, backing off)."""
+        if self._thread is None:
+            self._stop = stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(stop,), name="hotswapd-source-hub", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the poll thread and wait for it (a download in flight: a few seconds, then it is left to end
+        on its own, offering nothing). Safe to call twice."""
+        thread, stop, self._thread, self._stop = self._thread, self._stop, None, None
+        if stop is not None:
+            stop.set()
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_STOP_WAIT_S)
+            if thread.is_alive():
+                log.warning("a poll of %s is still running; it will offer nothing", self._config.repo_id)
+                return
+        self._cap.detach()
+
+    def update_config(self, config: HubSourceConfig) -> None:
+        """Apply a reloaded config at once: a new repo, revision, endpoint or token file is polled right away."""
+        with self._lock:
+            old, self._config = self._config, config
+            if replace(config, poll_seconds=old.poll_seconds) != old:
+                self._due = time.monotonic()
+            elif self._failures == 0 and self._last_poll_mono is not None:
+                self._due = self._last_poll_mono + config.poll_seconds
+        self._wake.set()
+
+    def poll_now(self) -> Candidate | None:
+        """Poll once on the caller's thread; return the candidate offered, if any. Errors are logged and counted
+        (see ``status()``), never raised."""
+        return self._poll(None)
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able snapshot: what is watched, the last poll and when the next one is due."""
+        with self._lock:
+            c = self._config
+            return {
+                "repo_id": c.repo_id,
+                "revision": c.revision,
+                "endpoint": _endpoint(c),
+                "last_sha": self._last_sha,
+                "last_poll_at": self._last_poll_at,
+                "last_result": self._last_result,
+                "last_error": self._last_error,
+                "consecutive_failures": self._failures,
+                "next_poll_in_s": round(max(0.0, self._due - time.monotonic()), 3),
+            }
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            delay = self._due - time.monotonic()
+            if delay > 0:
+                self._wake.wait(delay)
+                continue
+            self._poll(stop)
+
+    def _poll(self, stop: threading.Event | None) -> Candidate | None:
+        with self._poll_lock:
+            config = self._config
+            call_back(log, self._on_event, "poll")
+            offered: Candidate | None = None
+            try:
+                result, offered = self._attempt(config, stop)
+            except Exception as exc:  # the Hub, the network, the disk: all retried later
+                result = self._failed(config, exc)
+            with self._lock:
+                if result not in ("error", "rate_limited"):
+                    self._failures, self._last_error = 0, None
+                    self._due = time.monotonic() + config.poll_seconds
+                self._last_result, self._last_poll_at, self._last_poll_mono = result, time.time(), time.monotonic()
+            call_back(log, self._on_poll, result)
+            return offered
+
+    def _attempt(self, config: HubSourceConfig, stop: threading.Event | None) -> tuple[str, Candidate | None]:
+        endpoint, token = _endpoint(config), _token(config)
+        self._cap.arm((f"{endpoint}/api/models/{config.repo_id}/", f"{endpoint}/{config.repo_id}/resolve/"),
+                      self._timeout_s)  # fmt: skip
+        info = HfApi(endpoint=endpoint, token=token).model_info(
+            config.repo_id, revision=config.revision, timeout=self._timeout_s
+        )
+        if not info.sha:
+            raise SourceError(f"the Hub named no commit for {config.repo_id}@{config.revision}")
+        sha, version = info.sha, f"{config.repo_id}@{info.sha}"
+        if version in self._handled:
+            if sha != self._last_sha:
+                log.info("%s is at %s again, which was handled before; not offered again", config.revision, version)
+                with self._lock:
+                    self._last_sha = sha
+            return "unchanged", None
+        now = time.monotonic()
+        self._first_seen = {version: self._first_seen.get(version, now)}  # a sha passed over is forgotten
+        log.info("%s of %s moved to %s; downloading", config.revision, config.repo_id, sha)
+        folder = self._download(config, endpoint, token, sha)
+        if stop is not None and stop.is_set():
+            return "changed", None  # stopped meanwhile: not handled, so a restart offers it
+        self._handled.add(version)
+        with self._lock:
+            self._last_sha = sha
+        if folder is None:
+            log.warning("%s has neither %s nor %s; nothing to offer", version, CONFIG_NAME, WEIGHTS_NAME)
+            return "changed", None
+        candidate = Candidate(folder, version, self._first_seen.pop(version), sha, time.time())
+        if call_back(log, self._skip, candidate):
+            return "changed", None
+        log.info("offering %s (%s)", version, folder)
+        call_back(log, self._on_candidate, candidate)
+        return "changed", candidate
+
+    def _download(self, config: HubSourceConfig, endpoint: str, token: str | bool, sha: str) -> Path | None:
+        """The complete snapshot folder of ``sha`` (None: the commit has neither file); raises when incomplete."""
+        version = f"{config.repo_id}@{sha}"
+        folder = Path(
+            snapshot_download(
+                config.repo_id,
+                revision=sha,
+                cache_dir=self._cache_dir,
+                allow_patterns=list(ALLOW_PATTERNS),
+                endpoint=endpoint,
+                token=token,
+                etag_timeout=self._timeout_s,
+                force_download=version in self._suspect,
+                max_workers=len(ALLOW_PATTERNS),
+                tqdm_class=_Quiet,
+            )
+        )
+        # The listing the download just cached (no request): the sizes the Hub reported for this commit.
+        listing = get_cached_repo_tree(config.repo_id, revision=sha, cache_dir=self._cache_dir)
+        expected = {f.path: f.size for f in listing if f.path in ALLOW_PATTERNS}
+        for name, size in expected.items():
+            path = folder / name
+            actual = path.stat().st_size if path.is_file() else None
+            if actual != size:
+                self._suspect.add(version)
+                path.unlink(missing_ok=True)  # the library would hand this very file back otherwise
+                raise SourceError(f"{version}: {name} is incomplete ({actual} of {size} bytes); will download again")
+        self._suspect.discard(version)
+        return folder if expected else None
+
+    def _failed(self, config: HubSourceConfig, exc: Exception) -> str:
+        limited, retry_after = _rate_limit(exc)
+        with self._lock:
+            self._failures += 1
+            cap = max(config.poll_seconds, _MAX_BACKOFF_S)
+            ceiling = min(cap, config.poll_seconds * 2.0 ** min(self._failures, 32))
+            delay = max(self._jitter(ceiling), retry_after or 0.0)
+            self._due = time.monotonic() + delay
+            self._last_error = message = _describe(exc)
+            failures = self._failures
+        result = "rate_limited" if limited else "error"
+        log.warning("polling %s@%s failed (%s in a row): %s; next try in %.1fs",
+                    config.repo_id, config.revision, failures, message, delay,
+                    exc_info=not isinstance(exc, _EXPECTED))  # fmt: skip
+        call_back(log, self._on_event, result)
+        return result
+
+
+class _TimeoutCap:
+    """httpx request hook on the library's shared client: caps each timeout of one repo's requests."""
+
+    def __init__(self) -> None:
+        self.prefixes: tuple[str, ...] = ()
+        self.seconds = 10.0
+
+    def __call__(self, request: httpx2.Request) -> None:
+        if str(request.url).startswith(self.prefixes):
+            old = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {
+                k: self.seconds if old.get(k) is None else min(old[k], self.seconds)
+                for k in ("connect", "read", "write", "pool")
+            }
+
+    def arm(self, prefixes: tuple[str, ...], seconds: float) -> None:
+        """Attach to the shared client, again after the library replaced it (it does on a connection error)."""
+        self.prefixes, self.seconds = prefixes, seconds
+        self._set(attached=True)
+
+    def detach(self) -> None:
+        self._set(attached=False)
+
+    def _set(self, *, attached: bool) -> None:
+        session = get_session()
+        hooks = session.event_hooks
+        if (self in hooks["request"]) != attached:
+            # New lists rather than append()/remove(): another thread may be iterating the old one.
+            others = [h for h in hooks["request"] if h is not self]
+            session.event_hooks = {"request": [*others, self] if attached else others, "response": hooks["response"]}
+
+
+class _Quiet(hf_tqdm):  # type: ignore[misc]
+    """No progress bars in a daemon's log."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def _endpoint(config: HubSourceConfig) -> str:
+    return (config.endpoint or constants.ENDPOINT).rstrip("/")
+
+
+def _token(config: HubSourceConfig) -> str | bool:
+    """``token_file`` (read at each poll, so a rotated token is picked up), else ``$HF_TOKEN``, else none (False:
+    not even the token ``hf auth login`` saved for the user)."""
+    if config.token_file:
+        try:
+            token = Path(config.token_file).read_text().strip()
+        except OSError as exc:
+            raise SourceError(f"cannot read token_file {config.token_file}: {exc.strerror or exc}") from exc
+        if not token:
+            raise SourceError(f"token_file {config.token_file} is empty")
+        return token
+    return os.environ.get("HF_TOKEN", "").strip() or False
+
+
+def _rate_limit(exc: BaseException) -> tuple[bool, float | None]:
+    """(a 429?, its Retry-After in seconds: delay-seconds or an HTTP-date), through the causes the library chains."""
+    seen: BaseException | None = exc
+    while seen is not None and not (isinstance(seen, HfHubHTTPError) and seen.response.status_code == 429):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return False, None
+    value = seen.response.headers.get("Retry-After", "")
+    try:
+        return True, max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return True, max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return True, None
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()  # the library's messages run to several lines (request id, URL)
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")

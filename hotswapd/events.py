@@ -1,0 +1,82 @@
+"""Swap events fanned out to ``GET /v1/adapters/events`` subscribers (server-sent events).
+
+Published from any thread (the source's, an executor's); delivered on the event loop, in order,
+to every subscriber connected at the time. A subscriber that falls too far behind is dropped
+rather than letting its backlog grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from typing import Any
+
+from hotswap_core.history import SwapRecord
+
+log = logging.getLogger("hotswapd.events")
+
+# Swapper listener kinds -> event names (a successful swap is "committed" to its followers).
+KINDS = {"seen": "seen", "staged": "staged", "success": "committed", "rejected": "rejected", "failed": "failed",
+         "rolled_back": "rolled_back", "unchanged": "unchanged"}  # fmt: skip
+BACKLOG = 1000
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self._seq = itertools.count(1)
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def publish(self, kind: str, record: SwapRecord) -> None:
+        """Thread-safe. The event carries the record's version, sha256, source, path, reason and timings."""
+        if self._loop is None or kind not in KINDS:
+            return
+        event = {
+            "event": KINDS[kind],
+            "ts": time.time(),
+            "version": record.version,
+            "sha256": record.sha256,
+            "source": record.source,
+            "path": record.path,
+            "reason": record.reason,
+            "message": record.message,
+            "phases_ms": {k: round(v * 1000, 3) for k, v in record.phases.items()},
+            "stall_us": None if record.stall_s is None else round(record.stall_s * 1e6, 1),
+        }
+        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+            self._loop.call_soon_threadsafe(self._deliver, event)
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        event["seq"] = next(self._seq)  # numbered on the loop, so the order is the delivery order
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                log.warning("dropping a swap-event subscriber %d events behind", queue.qsize())
+                self._end(queue)
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(BACKLOG)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self._subscribers.discard(queue)
+
+    def close(self) -> None:
+        """End every subscriber's stream (shutdown)."""
+        for queue in list(self._subscribers):
+            self._end(queue)
+
+    def _end(self, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        """Replace what ``queue`` still holds with the end marker (``None``)."""
+        self._subscribers.discard(queue)
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(None)
