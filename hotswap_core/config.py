@@ -281,3 +281,24 @@ def _resolve_paths(c: Config, base_dir: Path) -> Config:
         server=dataclasses.replace(c.server, socket=_resolve(base_dir, c.server.socket) or ""),
         state_dir=_resolve(base_dir, c.state_dir) or "",
     )
+
+
+# What SIGHUP may change in a running daemon; everything else needs a restart.
+LIVE_SERVER_KEYS = ("admin_uids", "request_timeout_s", "drain_timeout_s")
+
+
+def apply_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """The config a reload leads to: ``new``'s source (same kind), validation and live server keys on
+    top of ``old``; and the key paths that changed but cannot be applied without a restart."""
+    refused = [k for k in ("model", "adapter", "state_dir", "metrics") if getattr(new, k) != getattr(old, k)]
+    refused += [
+        f"server.{f.name}"
+        for f in dataclasses.fields(old.server)
+        if f.name not in LIVE_SERVER_KEYS and getattr(new.server, f.name) != getattr(old.server, f.name)
+    ]
+    source = new.source
+    if new.source.kind != old.source.kind:
+        refused.append("source.kind")
+        source = old.source
+    server = dataclasses.replace(old.server, **{k: getattr(new.server, k) for k in LIVE_SERVER_KEYS})
+    return dataclasses.replace(old, source=source, validation=new.validation, server=server), refused

@@ -353,6 +353,7 @@ class Engine:
             for row, token in zip(rows, sample(logits, rows), strict=True):
                 if not row.done:
                     row.push(token)
+            self.last_loop_at = time.monotonic()  # a long batch is still a turning worker
             if all(r.done for r in rows):
                 return finite
             next_ids = torch.tensor([[r.ids[-1] if r.ids else self.pad_id] for r in rows], device=self.device)

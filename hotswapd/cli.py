@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hotswap_core.errors import AdapterRejected, ConfigError, HotswapError
 from hotswapd.client import DEFAULT_SOCKET, EXIT_CONFIG, EXIT_OK, EXIT_REJECTED, EXIT_RUNTIME, run_client_verb
@@ -103,8 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        from hotswapd.daemon import JsonFormatter
-
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -216,6 +214,21 @@ def _demo_ready(assets: DemoAssets) -> Callable[[Daemon], None]:
         )
 
     return on_ready
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (journald / log shippers)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 if __name__ == "__main__":

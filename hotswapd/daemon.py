@@ -9,8 +9,6 @@ long cold compile, and a second daemon on the same socket fails at once, not min
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import os
 import signal
@@ -21,7 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hotswap_core.config import Config, load_config
+from hotswap_core.config import Config, apply_reload, load_config
 from hotswap_core.engine import Engine
 from hotswap_core.errors import ConfigError, HotswapError
 from hotswap_core.history import History, SwapRecord
@@ -33,9 +31,11 @@ from hotswap_core.sources.hub import HubSource, hub_cache_dir
 from hotswap_core.swap import Swapper
 from hotswapd.events import EventBus
 from hotswapd.server import Server, ServingState, bind_unix_socket
+from hotswapd.systemd import Notifier, listen_socket
 
 log = logging.getLogger("hotswapd.daemon")
 T = TypeVar("T")
+_WARMUP_STEP_TIMEOUT_S = 300.0  # EXTEND_TIMEOUT_USEC per warm-up step: room for one cold compile
 
 
 class DaemonError(HotswapError):
@@ -61,6 +61,8 @@ class Daemon:
         self._reload = asyncio.Event()
         self._startup_since: float | None = None
         self._abandoned = False  # a start-up thread was left running when a stop came
+        self.notifier = Notifier()
+        self._socket_passed = False
 
     # ---- the whole life -----------------------------------------------------------------------
     def run(self) -> int:
@@ -80,6 +82,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         sock = self._bind()
         metrics_server = self._start_metrics()
+        watchdog = asyncio.ensure_future(self._watchdog()) if self.notifier.watchdog_interval else None
         try:
             await self._start(sock)
             if self._stop.is_set():
@@ -91,21 +94,53 @@ class Daemon:
                 reload.cancel()
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
+                    self.notifier.reloading()
                     await self.reload()
+                    self.notifier.ready(self._status_line())
             await self._shutdown()
             return 0
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if self.server is not None:
                 await self.server.close()
             if metrics_server is not None:
                 metrics_server.shutdown()
-            Path(self.config.server.socket).unlink(missing_ok=True)
+            if not self._socket_passed:  # a socket systemd owns is never unlinked (sd_listen_fds(3))
+                Path(self.config.server.socket).unlink(missing_ok=True)
+            self.notifier.close()
 
     def _bind(self) -> Any:
         try:
+            passed = listen_socket("api")
+            if passed is not None:
+                self._socket_passed = True
+                return passed
             return bind_unix_socket(self.config.server.socket, self.config.server.socket_mode)
         except OSError as exc:
             raise DaemonError(f"cannot listen on {self.config.server.socket}: {exc.strerror or exc}") from exc
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 every WATCHDOG_USEC/2, sent from the event loop (so it proves the loop turns) and
+        only while the engine's worker shows a fresh heartbeat (so it proves generation is not stuck)."""
+        interval = self.notifier.watchdog_interval
+        assert interval is not None
+        while True:
+            engine = self.engine
+            stale = time.monotonic() - engine.last_loop_at if engine is not None and engine.ready.is_set() else 0.0
+            if stale < 2 * interval:
+                self.notifier.watchdog()
+            else:
+                log.error("the engine worker has not turned for %.0fs; not answering the systemd watchdog", stale)
+            await asyncio.sleep(interval)
+
+    def _status_line(self) -> str:
+        if self.swapper is None:
+            return "starting"
+        live = self.swapper.live
+        last = self.history.records[-1] if self.history.records else None
+        tail = f"; last swap: {last.version} {last.result}" if last is not None else ""
+        return f"serving {live.version} ({live.sha256[:12]}){tail}"
 
     def _start_metrics(self) -> Any:
         if not self.config.metrics.enabled:
@@ -162,6 +197,7 @@ class Daemon:
             return
         self._start_source()
         self.state.ready = True
+        self.notifier.ready(self._status_line())
         live = self.swapper.live
         log.info("ready in %.1fs: serving %s (sha256 %s)", time.monotonic() - t0, live.version, live.sha256[:12])
         if self.on_ready is not None:
@@ -191,14 +227,22 @@ class Daemon:
 
     def _load_and_warm(self) -> None:
         assert self.engine is not None
+        self.notifier.status(f"loading {self.config.model.path}")
         self.engine.load()
-        self.engine.warm_up(progress=lambda msg: log.debug("%s", msg))
+
+        def progress(msg: str) -> None:
+            log.debug("%s", msg)
+            self.notifier.status(f"compiling and warming: {msg}")
+            self.notifier.extend_timeout(_WARMUP_STEP_TIMEOUT_S)  # a cold compile step may take minutes
+
+        self.engine.warm_up(progress=progress)
 
     async def _shutdown(self) -> None:
         """SIGTERM: stop accepting, let in-flight requests finish (bounded), stop everything."""
         assert self.server is not None
         log.info("stopping: no new connections; draining %d in-flight requests", self.server.inflight)
         self.state.draining = True
+        self.notifier.stopping()
         self.events.close()
         await self.server.stop_accepting()
         if self.source is not None:
@@ -309,6 +353,8 @@ class Daemon:
         self.events.publish(result, record)
         if result in ("seen", "staged"):
             return
+        if self.state.ready:
+            self.notifier.status(self._status_line())
         m = self.metrics
         for phase, seconds in record.phases.items():
             m.swap_phase.labels(phase).observe(seconds)
@@ -337,23 +383,14 @@ class Daemon:
                 log.error("reload refused, keeping the running config: %s", problem)
             return
         old = self.config
-        refused = [f"{k} (needs a restart)" for k in ("model", "adapter", "state_dir", "metrics")
-                   if getattr(new, k) != getattr(old, k)]  # fmt: skip
-        live_server = ("admin_uids", "request_timeout_s", "drain_timeout_s")
-        for key in (f.name for f in dataclasses.fields(old.server)):
-            if key not in live_server and getattr(new.server, key) != getattr(old.server, key):
-                refused.append(f"server.{key} (needs a restart)")
-        source = new.source
-        if new.source.kind != old.source.kind:
-            refused.append("source.kind (needs a restart)")
-            source = old.source
+        self.config, refused = apply_reload(old, new)
         for what in refused:
-            log.warning("reload: not applying %s", what)
-        server = dataclasses.replace(old.server, **{k: getattr(new.server, k) for k in live_server})
-        self.config = dataclasses.replace(old, source=source, validation=new.validation, server=server)
+            log.warning("reload: not applying %s (needs a restart)", what)
+        server = self.config.server
+        source = self.config.source
         self.state.config = server
         if self.swapper is not None:
-            self.swapper.validation = new.validation
+            self.swapper.validation = self.config.validation
         if isinstance(self.source, DirectorySource):
             self.source.update_config(source.directory)
             await asyncio.to_thread(self.source.rescan)
@@ -366,18 +403,3 @@ class Daemon:
 def _model_id(config: Config) -> str:
     path = config.model.path
     return Path(path).name if os.path.isdir(path) else path
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line (journald / log shippers)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
