@@ -54,6 +54,7 @@ REASONS: dict[str, str] = {
     "missing_weights": "the adapter holds no weights, or a module has lora_A without lora_B (or the reverse)",
     "changed": "the files changed between inspection and loading",
     "unreadable": "a file exists but cannot be read (permissions, I/O error)",
+    "outside_watched_folder": "a symlink in the watched folder points outside it (never followed)",
     "empty_output": "a smoke prompt produced no text on the staged adapter",
 }
 

@@ -95,6 +95,9 @@ class ServerConfig:
     max_body_bytes: int = 1024 * 1024
     # SIGTERM: stop accepting, then wait this long for in-flight requests before cancelling them.
     drain_timeout_s: float = 30.0
+    # Folders an admin ``POST /v1/adapters/swap`` may take adapters from. None: the watched folder
+    # and the folder holding adapter.initial.
+    swap_roots: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -278,13 +281,19 @@ def _resolve_paths(c: Config, base_dir: Path) -> Config:
             directory=dataclasses.replace(c.source.directory, path=_resolve(base_dir, c.source.directory.path) or ""),
             hub=dataclasses.replace(c.source.hub, token_file=_resolve(base_dir, c.source.hub.token_file)),
         ),
-        server=dataclasses.replace(c.server, socket=_resolve(base_dir, c.server.socket) or ""),
+        server=dataclasses.replace(
+            c.server,
+            socket=_resolve(base_dir, c.server.socket) or "",
+            swap_roots=None
+            if c.server.swap_roots is None
+            else tuple(_resolve(base_dir, r) or r for r in c.server.swap_roots),
+        ),
         state_dir=_resolve(base_dir, c.state_dir) or "",
     )
 
 
 # What SIGHUP may change in a running daemon; everything else needs a restart.
-LIVE_SERVER_KEYS = ("admin_uids", "request_timeout_s", "drain_timeout_s")
+LIVE_SERVER_KEYS = ("admin_uids", "request_timeout_s", "drain_timeout_s", "swap_roots")
 
 
 def apply_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
@@ -302,3 +311,13 @@ def apply_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
         source = old.source
     server = dataclasses.replace(old.server, **{k: getattr(new.server, k) for k in LIVE_SERVER_KEYS})
     return dataclasses.replace(old, source=source, validation=new.validation, server=server), refused
+
+
+def swap_roots(c: Config) -> tuple[str, ...]:
+    """Where admin swaps may read adapters from (``server.swap_roots``, or its default)."""
+    if c.server.swap_roots is not None:
+        return c.server.swap_roots
+    roots = [c.source.directory.path] if c.source.kind == "directory" and c.source.directory.path else []
+    if c.adapter.initial:
+        roots.append(str(Path(c.adapter.initial).parent))
+    return tuple(roots)

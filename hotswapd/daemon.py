@@ -19,10 +19,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hotswap_core.config import Config, apply_reload, load_config
+from hotswap_core.config import Config, apply_reload, load_config, swap_roots
 from hotswap_core.engine import Engine
 from hotswap_core.errors import ConfigError, HotswapError
-from hotswap_core.history import History, SwapRecord
+from hotswap_core.history import History, SwapRecord, fingerprint
 from hotswap_core.metrics import Metrics
 from hotswap_core.sources.directory import EVENT_KINDS as SOURCE_EVENT_KINDS
 from hotswap_core.sources.directory import Candidate, DirectorySource
@@ -179,6 +179,7 @@ class Daemon:
             model_id=_model_id(self.config),
             describe_source=self.describe_source,
             events=self.events,
+            swap_roots=lambda: swap_roots(self.config),
         )
         await self.server.start(sock)
         log.info("listening on %s (readyz answers 503 until warm-up is done)", self.config.server.socket)
@@ -293,7 +294,11 @@ class Daemon:
     def _directory(self) -> DirectorySource:
         if not isinstance(self.source, DirectorySource):
             self.source = DirectorySource(
-                self.config.source.directory, self._on_candidate, skip=self._skip, on_event=self._on_source_event
+                self.config.source.directory,
+                self._on_candidate,
+                skip=self._skip,
+                on_event=self._on_source_event,
+                on_refused=self._on_refused,
             )
         return self.source
 
@@ -328,6 +333,13 @@ class Daemon:
     def _on_candidate(self, c: Candidate) -> None:
         assert self.swapper is not None
         self.swapper.swap(c.path, version=c.version, source=self.config.source.kind, seen_at=c.seen_at)
+
+    def _on_refused(self, refusal: tuple[str, str, str]) -> None:
+        """The source refused an entry before any swap (a symlink escaping the watched folder)."""
+        path, reason, message = refusal
+        self.history.reject(path, fingerprint(path), reason, message)
+        self.metrics.validation_failures.labels(reason).inc()
+        self.metrics.swaps.labels("rejected").inc()
 
     def _on_source_event(self, kind: str) -> None:
         self.metrics.source_events.labels(self.config.source.kind, kind).inc()

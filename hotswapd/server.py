@@ -130,11 +130,13 @@ class Server:
         model_id: str,
         describe_source: Callable[[], dict[str, Any]],
         events: EventBus,
+        swap_roots: Callable[[], tuple[str, ...]] = tuple,
     ) -> None:
         self.state, self.engine, self.swapper, self.metrics = state, engine, swapper, metrics
         self.model_id = model_id
         self.describe_source = describe_source
         self.events = events
+        self.swap_roots = swap_roots
         self.inflight = 0
         self.app = web.Application(client_max_size=state.config.max_body_bytes, middlewares=[self._middleware])
         r = self.app.router
@@ -279,6 +281,11 @@ class Server:
             raise protocol.bad("path must be the adapter folder's absolute path", "path")
         if not os.path.isabs(path):
             raise protocol.bad(f"path must be absolute, got {path!r}", "path")
+        real = os.path.realpath(path)
+        roots = self.swap_roots()
+        if not any(os.path.commonpath([real, os.path.realpath(root)]) == os.path.realpath(root) for root in roots):
+            raise ApiError(403, f"{path} is not under server.swap_roots ({', '.join(roots) or 'none'})",
+                           param="path", code="path_not_allowed")  # fmt: skip
         loop = asyncio.get_running_loop()
         record = await loop.run_in_executor(None, lambda: self.swapper.swap(path, source="admin"))
         if record.result == "rejected":

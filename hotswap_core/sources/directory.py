@@ -109,8 +109,10 @@ class DirectorySource:
         *,
         skip: Callable[[Candidate], bool] = lambda c: False,
         on_event: Callable[[str], None] | None = None,
+        on_refused: Callable[[tuple[str, str, str]], None] | None = None,
     ) -> None:
         self._config = config
+        self._on_refused = on_refused or (lambda refusal: None)  # (entry path, reason code, message)
         self._on_candidate, self._skip, self._on_event = on_candidate, skip, on_event or (lambda kind: None)
         self._scan_lock = threading.RLock()  # one look (and its offer) at a time; guards what follows
         self._tracks: dict[Path, _Track] = {}
@@ -309,7 +311,9 @@ class DirectorySource:
             if real_root not in path.parents:
                 escapes.add((name, str(path)))
                 if (name, str(path)) not in self._escapes:
-                    log.warning("%s points outside the watched folder (to %s); it will never be offered", entry, path)
+                    message = f"{entry} points outside the watched folder (to {path}); it will never be offered"
+                    log.warning("%s", message)
+                    call_back(log, self._on_refused, (str(entry), "outside_watched_folder", message))
             elif path.is_dir():
                 found[path] = max(st_entry.st_mtime, st_entry.st_ctime, _landed_at(path, st_path))
         self._escapes = escapes

@@ -206,6 +206,7 @@ def test_openai_client_and_curl(daemon: DaemonProcess) -> None:
         ("GET", "/v1/nope", None, 404, None),
         ("GET", "/v1/completions", None, 405, None),
         ("POST", "/v1/adapters/swap", b'{"path": "relative/dir"}', 400, "path"),
+        ("POST", "/v1/adapters/swap", b'{"path": "/etc"}', 403, "path"),  # outside server.swap_roots
     ],
 )
 def test_bad_requests_get_openai_shaped_4xx(
