@@ -8,6 +8,7 @@ crash at any point leaves either the old or the new state, never a torn one. A f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -96,6 +97,18 @@ class History:
             if len(self.rejected) > 1000:  # bounded: forget the oldest
                 del self.rejected[min(self.rejected.values(), key=lambda r: r.at).path]
         self.save()
+
+    def recent(self, n: int) -> list[SwapRecord]:
+        """The newest ``n`` records, newest first: a copy, because swaps append from other threads
+        and iterating the deque while one does raises ``RuntimeError: deque mutated during iteration``."""
+        with self._lock:
+            return list(itertools.islice(reversed(self.records), n))
+
+    def rejections(self) -> list[Rejection]:
+        """Rejected candidates, newest first: a copy (the source and swaps add to them from other threads)."""
+        with self._lock:
+            found = list(self.rejected.values())
+        return sorted(found, key=lambda r: r.at, reverse=True)
 
     def is_rejected(self, path: str, fp: str) -> bool:
         """True while ``path`` still has the content it had when it was rejected."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from hotswap_core import history as history_mod
-from hotswap_core.history import STATE_FILE, History, atomic_write, fingerprint
+from hotswap_core.history import STATE_FILE, History, SwapRecord, atomic_write, fingerprint
 from hotswap_core.slots import BASE_VERSION, AdapterVersion
 
 
@@ -328,3 +329,29 @@ def test_fingerprint_of_missing_folder_is_unreadable(tmp_path: Path) -> None:
     assert fingerprint(tmp_path / "nope") == "unreadable"
     assert fingerprint(str(tmp_path / "nope")) == "unreadable"
     assert fingerprint(tmp_path) != "unreadable"
+
+
+def test_recent_and_rejections_are_safe_to_read_while_swaps_record() -> None:
+    # GET /v1/adapters reads these on the event loop while the source thread records swaps: iterating
+    # the live deque there raised "deque mutated during iteration" (a 500 seen in the soak test).
+    history = History(None)
+    stop = threading.Event()
+
+    def record() -> None:
+        i = 0
+        while not stop.is_set():
+            history.add(SwapRecord(f"v{i}", None, "directory", None, "rejected"))
+            history.reject(f"/w/v{i}", "fp", "bad_config", "x")
+            i += 1
+
+    writer = threading.Thread(target=record)
+    writer.start()
+    try:
+        for _ in range(2000):
+            recent = history.recent(50)
+            assert len(recent) <= 50 and all(r.result == "rejected" for r in recent)
+            history.rejections()
+    finally:
+        stop.set()
+        writer.join()
+    assert history.recent(1)[0].version == history.records[-1].version  # newest first
