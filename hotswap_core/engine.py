@@ -99,6 +99,9 @@ class Engine:
             raise EngineError(f"cannot load model {m.path!r}: {exc}") from exc
         base = base.to(self.device).eval()  # type: ignore[arg-type]  # transformers' stub wants a model
         self.model_config = base.config
+        # Token ids a client may send: one past the embedding is an out-of-bounds read in the compiled
+        # graph (a RuntimeError for the whole batch on CPU, a device-side assert that poisons the context on CUDA).
+        self.vocab_size = int(base.get_input_embeddings().num_embeddings)
         eos = base.generation_config.eos_token_id if base.generation_config is not None else None
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -263,6 +266,9 @@ class Engine:
         ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
         if not ids:
             ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_id]
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside this model's vocabulary (0 to {self.vocab_size - 1})")
         if len(ids) + request.params.max_tokens > self.max_seq_len:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds "

@@ -148,7 +148,10 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
         if p.temperature == 0 or row.generator is None:
             out.append(int(greedy[i]))
             continue
-        probs = torch.softmax(logits[i].float().cpu() / p.temperature, dim=-1)  # [V]
+        # float64 and shifted by the max (softmax does not change): with a tiny temperature x / t overflows
+        # to inf (or t itself rounds to 0 in float32), softmax then yields NaN and multinomial fails the batch.
+        row_logits = logits[i].double().cpu()  # [V]
+        probs = torch.softmax((row_logits - row_logits.max()) / p.temperature, dim=-1)  # [V]
         if p.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the top token

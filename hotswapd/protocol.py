@@ -56,7 +56,7 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object; NaN/Infinity, invalid UTF-8 and absurd nesting are refused."""
+    """The body as a JSON object; NaN/Infinity, invalid UTF-8, lone surrogates and absurd nesting are refused."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -75,6 +75,12 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise bad(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise bad(f"request body must be a JSON object, got {type(body).__name__}")
+    try:  # a \ud800 escape decodes to a lone surrogate: not Unicode, and the tokenizer raises on it
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad("request body holds a lone surrogate escape (\\ud800-\\udfff), which is not valid Unicode") from exc
+    except RecursionError as exc:
+        raise bad("request body is nested too deeply") from exc
     return body
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from hotswap_core.config import ServerConfig
 from hotswap_core.engine import Engine, EngineBusy, EngineStopped
@@ -154,6 +155,7 @@ class Server:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self, sock: socket.socket) -> None:
+        logging.getLogger("aiohttp.server").addFilter(_quiet_client_errors)
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         self._site = web.SockSite(self._runner, sock)
@@ -233,11 +235,11 @@ class Server:
             "live": {**(_version_json(self.swapper.live) or {}), "since": history.live_since},
             "standby": _version_json(slots.contents[slots.standby]),
             "previous": _version_json(history.previous()) if history.previous() else None,
-            "history": [_record_json(r) for r in reversed(history.records)][:50],
+            "history": [_record_json(r) for r in history.recent(50)],
             "rejected": [
                 {"path": r.path, "reason": r.reason, "message": r.message, "at": r.at}
-                for r in sorted(history.rejected.values(), key=lambda r: r.at, reverse=True)
-            ][:50],
+                for r in history.rejections()[:50]
+            ],
             "source": self.describe_source(),
             "recompilations": self.engine.recompilations,
         }
@@ -281,6 +283,8 @@ class Server:
             raise protocol.bad("path must be the adapter folder's absolute path", "path")
         if not os.path.isabs(path):
             raise protocol.bad(f"path must be absolute, got {path!r}", "path")
+        if "\0" in path:  # os.stat raises ValueError on it: a failed swap (500) instead of a bad request
+            raise protocol.bad("path must not contain a NUL byte", "path")
         real = os.path.realpath(path)
         roots = self.swap_roots()
         if not any(os.path.commonpath([real, os.path.realpath(root)]) == os.path.realpath(root) for root in roots):
@@ -469,3 +473,14 @@ def _record_json(r: SwapRecord) -> dict[str, Any]:
     body["stall_us"] = None if r.stall_s is None else round(r.stall_s * 1e6, 1)
     body.pop("stall_s")
     return body
+
+
+def _quiet_client_errors(record: logging.LogRecord) -> bool:
+    """aiohttp logs a client's malformed HTTP (a huge header, garbage bytes) as ERROR with a traceback:
+    one line at DEBUG instead, or any socket user could flood the journal. Our own errors pass."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args, record.exc_info, record.exc_text = f"bad HTTP from a client: {exc}", (), None, None
+        return logging.getLogger("aiohttp.server").isEnabledFor(logging.DEBUG)
+    return True
