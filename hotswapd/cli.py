@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-serve", action="store_true", help="only build the assets")
     v.add_argument("--force", action="store_true", help="rebuild the assets even if they exist")
 
+    v = verbs.add_parser("bench", help="measure swaps, latency, throughput and start-up against the alternatives")
+    v.add_argument("--model", default="demo", help="demo (default), a model folder or Hub id, or a hotswapd config")
+    v.add_argument("--quick", action="store_true", help="fewer repetitions: a few minutes on 2 CPU cores")
+    v.add_argument("--json", metavar="OUT", help="also write every figure to OUT as JSON")
+    v.add_argument("--workdir", help=argparse.SUPPRESS)  # keep the adapters, configs and daemon logs there
+    v.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds, no compile: for the test
+
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
         "--socket", default=None, help=f"the daemon's socket (default: $HOTSWAPD_SOCKET, else {DEFAULT_SOCKET})"
@@ -88,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args.adapter_dir, args.config, args.json)
         if args.verb == "demo":
             return _demo(Path(args.dir), serve=not args.no_serve, force=args.force)
+        if args.verb == "bench":
+            return _bench(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -183,6 +192,22 @@ def _demo(root: Path, serve: bool, force: bool) -> int:
     if not serve:
         return EXIT_OK
     return _run(str(assets.config), on_ready=_demo_ready(assets))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from hotswapd.bench.runner import BenchConfig, Mode, run_bench
+
+    if args.log_level == "INFO":  # hundreds of in-process swaps would each log a line; DEBUG shows them
+        logging.getLogger("hotswapd").setLevel(logging.WARNING)
+    mode: Mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    workdir = Path(args.workdir).absolute() if args.workdir else None
+    config = BenchConfig.preset(mode, model=args.model, workdir=workdir)
+    result = run_bench(config, progress=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
+    print(result.table)
+    if args.json:
+        Path(args.json).write_text(result.to_json() + "\n")
+        print(f"\nevery figure: {args.json}")
+    return EXIT_OK
 
 
 def _demo_ready(assets: DemoAssets) -> Callable[[Daemon], None]:
