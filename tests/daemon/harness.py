@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -111,3 +112,16 @@ class DaemonProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running_daemon(config: Path, workdir: Path, env: dict[str, str]) -> Iterator[DaemonProcess]:
+    """A ready daemon on ``workdir/s.sock``; stopped after, which must exit 0 (its log tail is printed)."""
+    d = DaemonProcess(config, workdir / "s.sock", workdir / "daemon.log", env)
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        rc = d.stop()
+        print(d.log[-3000:])
+        assert rc == 0

@@ -23,7 +23,7 @@ from hotswapd.client import ClientError
 from hotswapd.demo import BROKEN_REASONS, DemoAssets
 
 from ..conftest import run_cli
-from .harness import DaemonProcess, drop_adapter, wait_until, write_config
+from .harness import DaemonProcess, drop_adapter, running_daemon, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +41,8 @@ def workdir() -> Iterator[Path]:
 def daemon(demo_assets: DemoAssets, workdir: Path, cli_env: dict[str, str]) -> Iterator[DaemonProcess]:
     (workdir / "adapters").mkdir()
     config = write_config(demo_assets, workdir, workdir / "s.sock", **{"server.max_body_bytes": MAX_BODY})
-    d = DaemonProcess(config, workdir / "s.sock", workdir / "daemon.log", cli_env)
-    try:
-        d.wait_ready()
+    with running_daemon(config, workdir, cli_env) as d:
         yield d
-    finally:
-        rc = d.stop()
-        print(d.log[-3000:])
-        assert rc == 0
 
 
 def _reconfigure(d: DaemonProcess, demo_assets: DemoAssets, workdir: Path, **overrides: Any) -> None:

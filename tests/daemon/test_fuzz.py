@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from hotswapd.demo import DemoAssets
 
-from .harness import DaemonProcess, wait_until, write_config
+from .harness import DaemonProcess, running_daemon, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -67,14 +67,8 @@ def daemon(demo_assets: DemoAssets, workdir: Path, cli_env: dict[str, str]) -> I
             "server.swap_roots": [str(workdir / "roots")],  # empty: no admin swap can succeed
         },
     )
-    d = DaemonProcess(config, workdir / "s.sock", workdir / "daemon.log", cli_env)
-    try:
-        d.wait_ready()
+    with running_daemon(config, workdir, cli_env) as d:
         yield d
-    finally:
-        rc = d.stop()
-        print(d.log[-3000:])
-        assert rc == 0
 
 
 # ---- talking HTTP by hand -------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from hotswapd.client import Client, ClientError
 from hotswapd.demo import DemoAssets
 
 from ..conftest import run_cli
-from .harness import DaemonProcess, drop_adapter, wait_until, write_config
+from .harness import DaemonProcess, drop_adapter, running_daemon, wait_until, write_config
 
 IS_ROOT = os.geteuid() == 0
 NEEDS_ROOT = "needs root: the test runs a client (or the daemon) under other uids/gids with setpriv"
@@ -157,14 +157,8 @@ def daemon(demo_assets: DemoAssets, workdir: Path, cli_env: dict[str, str]) -> I
         workdir / "s.sock",
         **{"server.socket_mode": 0o666, "server.swap_roots": [str(workdir / "roots")]},
     )
-    d = DaemonProcess(config, workdir / "s.sock", workdir / "daemon.log", cli_env)
-    try:
-        d.wait_ready()
+    with running_daemon(config, workdir, cli_env) as d:
         yield d
-    finally:
-        rc = d.stop()
-        print(d.log[-3000:])
-        assert rc == 0
 
 
 def _live(d: DaemonProcess) -> tuple[str, str]:
