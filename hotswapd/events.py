@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from hotswap_core.history import SwapRecord
+from hotswapd.protocol import record_json
 
 log = logging.getLogger("hotswapd.events")
 
@@ -34,21 +35,10 @@ class EventBus:
         self._loop = loop
 
     def publish(self, kind: str, record: SwapRecord) -> None:
-        """Thread-safe. The event carries the record's version, sha256, source, path, reason and timings."""
+        """Thread-safe. The event is the record as ``GET /v1/adapters`` shows it, plus ``event`` and ``ts``."""
         if self._loop is None or kind not in KINDS:
             return
-        event = {
-            "event": KINDS[kind],
-            "ts": time.time(),
-            "version": record.version,
-            "sha256": record.sha256,
-            "source": record.source,
-            "path": record.path,
-            "reason": record.reason,
-            "message": record.message,
-            "phases_ms": {k: round(v * 1000, 3) for k, v in record.phases.items()},
-            "stall_us": None if record.stall_s is None else round(record.stall_s * 1e6, 1),
-        }
+        event = {"event": KINDS[kind], "ts": time.time(), **record_json(record)}
         with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
             self._loop.call_soon_threadsafe(self._deliver, event)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from hotswap_core.generation import GenerationResult, SamplingParams
+from hotswap_core.history import SwapRecord
 from hotswap_core.slots import AdapterVersion
 
 MAX_STOP = 4  # as OpenAI
@@ -267,6 +268,20 @@ def parse_chat(
 # ---- responses ------------------------------------------------------------------------------------
 def adapter_json(v: AdapterVersion) -> dict[str, Any]:
     return {"version": v.version, "sha256": v.sha256, "source": v.source}
+
+
+def version_json(v: AdapterVersion | None) -> dict[str, Any] | None:
+    """A version as ``/v1/adapters`` shows it: the adapter object plus where its files are."""
+    return None if v is None else {**adapter_json(v), "path": v.path}
+
+
+def record_json(r: SwapRecord) -> dict[str, Any]:
+    """A swap record as ``/v1/adapters`` and the event stream show it: phases in ms, the stall in µs."""
+    body = r.to_json()
+    body["phases_ms"] = {k: round(v * 1000, 3) for k, v in body.pop("phases").items()}
+    stall = body.pop("stall_s")
+    body["stall_us"] = None if stall is None else round(stall * 1e6, 1)
+    return body
 
 
 def adapter_header(v: AdapterVersion) -> str:

@@ -29,7 +29,6 @@ from hotswap_core.config import ServerConfig
 from hotswap_core.engine import Engine, EngineBusy, EngineStopped
 from hotswap_core.errors import SwapError
 from hotswap_core.generation import GenerationRequest, GenerationResult
-from hotswap_core.history import SwapRecord
 from hotswap_core.metrics import Metrics
 from hotswap_core.slots import AdapterVersion
 from hotswap_core.swap import Swapper
@@ -232,10 +231,10 @@ class Server:
     async def adapters(self, request: web.Request) -> web.Response:
         slots, history = self.engine.slots, self.swapper.history
         body = {
-            "live": {**(_version_json(self.swapper.live) or {}), "since": history.live_since},
-            "standby": _version_json(slots.contents[slots.standby]),
-            "previous": _version_json(history.previous()) if history.previous() else None,
-            "history": [_record_json(r) for r in history.recent(50)],
+            "live": {**(protocol.version_json(self.swapper.live) or {}), "since": history.live_since},
+            "standby": protocol.version_json(slots.contents[slots.standby]),
+            "previous": protocol.version_json(history.previous()) if history.previous() else None,
+            "history": [protocol.record_json(r) for r in history.recent(50)],
             "rejected": [
                 {"path": r.path, "reason": r.reason, "message": r.message, "at": r.at}
                 for r in history.rejections()[:50]
@@ -294,12 +293,17 @@ class Server:
         record = await loop.run_in_executor(None, lambda: self.swapper.swap(path, source="admin"))
         if record.result == "rejected":
             raise ApiError(422, f"adapter rejected: {record.message}", param="path", code=record.reason,
-                           extra={"record": _record_json(record)})  # fmt: skip
+                           extra={"record": protocol.record_json(record)})  # fmt: skip
         if record.result == "failed":
             raise ApiError(
-                500, f"swap failed: {record.message}", code=record.reason, extra={"record": _record_json(record)}
+                500,
+                f"swap failed: {record.message}",
+                code=record.reason,
+                extra={"record": protocol.record_json(record)},
             )
-        return web.json_response({"record": _record_json(record), "live": _version_json(self.swapper.live)})
+        return web.json_response(
+            {"record": protocol.record_json(record), "live": protocol.version_json(self.swapper.live)}
+        )
 
     async def admin_rollback(self, request: web.Request) -> web.Response:
         self._require_admin(request)
@@ -308,7 +312,9 @@ class Server:
             record = await loop.run_in_executor(None, self.swapper.rollback)
         except SwapError as exc:
             raise ApiError(409, str(exc), code="rollback_impossible") from exc
-        return web.json_response({"record": _record_json(record), "live": _version_json(self.swapper.live)})
+        return web.json_response(
+            {"record": protocol.record_json(record), "live": protocol.version_json(self.swapper.live)}
+        )
 
     # ---- completions ----------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -459,20 +465,6 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ApiErr
     if exc.status == 413:
         return ApiError(413, "request body is larger than server.max_body_bytes", code="body_too_large")
     return ApiError(exc.status, exc.reason or "bad request")
-
-
-def _version_json(v: AdapterVersion | None) -> dict[str, Any] | None:
-    if v is None:
-        return None
-    return {"version": v.version, "sha256": v.sha256, "source": v.source, "path": v.path}
-
-
-def _record_json(r: SwapRecord) -> dict[str, Any]:
-    body = r.to_json()
-    body["phases_ms"] = {k: round(v * 1000, 3) for k, v in body.pop("phases").items()}
-    body["stall_us"] = None if r.stall_s is None else round(r.stall_s * 1e6, 1)
-    body.pop("stall_s")
-    return body
 
 
 def _quiet_client_errors(record: logging.LogRecord) -> bool:
