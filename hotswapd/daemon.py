@@ -30,8 +30,9 @@ from hotswap_core.sources.hub import EVENT_KINDS as HUB_EVENT_KINDS
 from hotswap_core.sources.hub import HubSource, hub_cache_dir
 from hotswap_core.swap import Swapper
 from hotswapd.events import EventBus
-from hotswapd.server import Server, ServingState, bind_unix_socket
+from hotswapd.server import Server, ServingState
 from hotswapd.systemd import Notifier, listen_socket
+from hotswapd.unix_socket import bind_unix_socket
 
 log = logging.getLogger("hotswapd.daemon")
 T = TypeVar("T")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hotswapd.server import SocketInUse, bind_unix_socket
+from hotswapd.unix_socket import SocketInUse, bind_unix_socket
 
 
 @pytest.fixture
