@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +59,14 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def metric(text: str, series: str) -> float | None:
+    """The value of one series (``name{labels}`` exactly as exposed) in a scrape, or None if absent."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def drop_adapter(src: Path, watched: Path, name: str) -> Path:
     """The recommended producer protocol: copy into a dot-folder, then rename() it in."""
     staging = watched / f".tmp-{name}"
@@ -81,6 +91,18 @@ class DaemonProcess:
     @property
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the daemon says it serves metrics (tests use ``metrics.listen: 127.0.0.1:0``)."""
+        found = re.search(r"metrics on (http://\S+)", self.log)
+        assert found, self.log[-3000:]
+        return found[1]
+
+    def metrics(self) -> str:
+        """One scrape, in the text format."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            return str(response.read().decode())
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         def ready() -> bool:

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import signal
 import socket
 import tempfile
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import pytest
 from hotswapd.client import Client
 from hotswapd.demo import DemoAssets
 
-from .harness import DaemonProcess, drop_adapter, wait_until, write_config
+from .harness import DaemonProcess, drop_adapter, metric, wait_until, write_config
 from .test_metrics import EventFollower
 
 pytestmark = pytest.mark.slow
@@ -33,16 +31,6 @@ def workdir() -> Iterator[Path]:
         (Path(d) / "adapters").mkdir()
         (Path(d) / "lib").mkdir()
         yield Path(d)
-
-
-def _scrape(d: DaemonProcess, name: str) -> float:
-    found = re.search(r"metrics on (http://\S+)", d.log)
-    assert found, d.log
-    with urllib.request.urlopen(found[1], timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")
 
 
 def _committed(workdir: Path) -> dict[str, Any]:
@@ -106,7 +94,7 @@ def test_unwritable_state_dir_is_logged_counted_and_serving_goes_on(
         drop_adapter(demo_assets.bravo, workdir / "adapters", "bravo-1")
         wait_until(lambda: d.live() == "bravo-1", 10, "bravo-1 to go live despite the state_dir")
         assert d.complete()["choices"][0]["text"].startswith(" bravo")
-        assert _scrape(d, "hotswapd_state_write_failures_total") >= 1
+        assert metric(d.metrics(), "hotswapd_state_write_failures_total") >= 1
         assert "cannot persist state" in d.log
     finally:
         assert d.stop() == 0
@@ -125,7 +113,7 @@ def test_unreachable_hub_never_stops_serving(demo_assets: DemoAssets, workdir: P
         wait_until(lambda: d.client.get("/v1/adapters")["source"]["consecutive_failures"] >= 2, 30, "failed polls")
         source = d.client.get("/v1/adapters")["source"]
         assert source["last_result"] == "error" and source["last_error"]
-        assert _scrape(d, 'hotswapd_hub_polls_total{result="error"}') >= 2
+        assert metric(d.metrics(), 'hotswapd_hub_polls_total{result="error"}') >= 2
         assert d.complete()["adapter"]["version"] == "alpha"
     finally:
         assert d.stop() == 0

@@ -18,7 +18,6 @@ import http.client
 import io
 import json
 import os
-import re
 import socket
 import tempfile
 import time
@@ -35,7 +34,7 @@ from hypothesis import strategies as st
 
 from hotswapd.demo import DemoAssets
 
-from .harness import DaemonProcess, running_daemon, wait_until, write_config
+from .harness import DaemonProcess, metric, running_daemon, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -207,16 +206,8 @@ def _serving(d: DaemonProcess) -> None:
     assert status == 200 and answer["usage"]["completion_tokens"] >= 1, answer
 
 
-def _metrics(d: DaemonProcess) -> str:
-    found = re.search(r"metrics on (http://\S+)", d.log)
-    assert found, d.log[-3000:]
-    with urllib.request.urlopen(found[1], timeout=10) as response:
-        return str(response.read().decode())
-
-
 def _sample(text: str, series: str) -> float:
-    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
-    return float(found[1]) if found else 0.0
+    return metric(text, series) or 0.0
 
 
 # ---- strategies -----------------------------------------------------------------------------------
@@ -517,7 +508,7 @@ def test_many_idle_connections(daemon: DaemonProcess) -> None:
 
 
 def test_client_gone_mid_stream(daemon: DaemonProcess) -> None:
-    gone_before = _sample(_metrics(daemon), 'hotswapd_requests_total{code="499",endpoint="completions"}')
+    gone_before = _sample(daemon.metrics(), 'hotswapd_requests_total{code="499",endpoint="completions"}')
     body = _dumps({"prompt": "Once upon a time", "max_tokens": 200, "temperature": 1.0, "seed": 7, "stream": True})
     s = _connect(daemon, timeout=60)
     try:
@@ -534,11 +525,11 @@ def test_client_gone_mid_stream(daemon: DaemonProcess) -> None:
 
     def counted() -> bool:
         nonlocal metrics_text
-        metrics_text = _metrics(daemon)
+        metrics_text = daemon.metrics()
         return _sample(metrics_text, 'hotswapd_requests_total{code="499",endpoint="completions"}') > gone_before
 
     wait_until(counted, 30, "the abandoned stream to be counted as 499")
-    wait_until(lambda: _sample(_metrics(daemon), "hotswapd_inflight_requests") == 0, 30, "the stream to be let go")
+    wait_until(lambda: _sample(daemon.metrics(), "hotswapd_inflight_requests") == 0, 30, "the stream to be let go")
     _serving(daemon)
 
 
@@ -611,7 +602,7 @@ def test_http10_and_pipelining(daemon: DaemonProcess) -> None:
 
 def test_no_5xx_and_no_unhandled_error_after_all_of_it(daemon: DaemonProcess) -> None:
     _serving(daemon)
-    text = _metrics(daemon)
+    text = daemon.metrics()
     server_errors = [
         line
         for line in text.splitlines()

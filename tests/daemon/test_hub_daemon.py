@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,10 +82,7 @@ def test_hub_commits_are_swapped_in_broken_ones_rejected_and_outages_ridden_out(
     assert d.complete()["choices"][0]["text"].startswith(" bravo")
     assert d.client.get("/v1/adapters")["source"]["consecutive_failures"] == 0
 
-    metrics_url = re.search(r"metrics on (http://\S+)", d.log)
-    assert metrics_url
-    with urllib.request.urlopen(metrics_url[1], timeout=10) as response:
-        text = response.read().decode()
+    text = d.metrics()
     polls = {m[1]: float(m[2]) for m in re.finditer(r'hotswapd_hub_polls_total\{result="(\w+)"\} (\S+)', text)}
     assert polls["error"] >= 1 and polls["changed"] >= 3, polls
     assert "server error" in d.log.lower() or "500" in d.log

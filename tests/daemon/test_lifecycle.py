@@ -4,13 +4,11 @@ restoring the last committed version (and an operator's rollback), stale sockets
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 from hotswapd.client import Client, ClientError, _UnixConnection
 from hotswapd.demo import DemoAssets
 
-from .harness import DaemonProcess, drop_adapter, wait_until, write_config
+from .harness import DaemonProcess, drop_adapter, metric, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -169,9 +167,7 @@ def test_full_queue_answers_429_and_a_disconnect_cancels_its_generation(
         for f in firsts:
             f.result(60)
         queued = [pool.submit(d.client.post, "/v1/completions", long) for _ in range(8)]
-        metrics_url = re.search(r"metrics on (http://\S+)", d.log)
-        assert metrics_url
-        wait_until(lambda: _scrape(metrics_url[1], "hotswapd_queue_depth") == 8, 30, "8 queued requests")
+        wait_until(lambda: metric(d.metrics(), "hotswapd_queue_depth") == 8, 30, "8 queued requests")
         overflow = _overflow(d)
         assert overflow is not None and overflow["error"]["code"] == "queue_full" and overflow["retry_after"] == "1"
         finished = [pool.submit(list, s) for s in running]
@@ -181,14 +177,6 @@ def test_full_queue_answers_429_and_a_disconnect_cancels_its_generation(
         assert d.complete()["choices"][0]["text"]
     finally:
         assert d.stop() == 0
-
-
-def _scrape(url: str, name: str) -> float | None:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return None
 
 
 def _overflow(d: DaemonProcess) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ import pytest
 from hotswapd.client import _UnixConnection
 from hotswapd.demo import DemoAssets
 
-from .harness import DaemonProcess, drop_adapter, wait_until, write_config
+from .harness import DaemonProcess, drop_adapter, metric, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -44,23 +44,10 @@ def daemon(demo_assets: DemoAssets, workdir: Path, cli_env: dict[str, str]) -> I
         assert d.stop() == 0
 
 
-def _metrics_url(d: DaemonProcess) -> str:
-    found = re.search(r"metrics on (http://\S+)", d.log)
-    assert found, d.log
-    return found[1]
-
-
 def _get(url: str, accept: str | None = None) -> tuple[str, str]:
     request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
     with urllib.request.urlopen(request, timeout=10) as response:
         return response.read().decode(), response.headers["Content-Type"]
-
-
-def _value(text: str, series: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 class EventFollower:
@@ -110,22 +97,22 @@ def test_swap_events_arrive_in_order(daemon: DaemonProcess, demo_assets: DemoAss
 def test_exposition_passes_promtool_and_counts_what_happened(daemon: DaemonProcess) -> None:
     for _ in range(3):
         daemon.complete()
-    text, content_type = _get(_metrics_url(daemon))
+    text, content_type = _get(daemon.metrics_url)
     assert content_type.startswith("text/plain")
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and check.stdout == "" and check.stderr == "", (check.stdout, check.stderr)
 
-    assert _value(text, 'hotswapd_swaps_total{result="success"}') == 2  # alpha at start, bravo-1
-    assert _value(text, 'hotswapd_swaps_total{result="rejected"}') == 1
-    assert _value(text, 'hotswapd_swaps_total{result="rolled_back"}') == 0  # known series, at 0
-    assert _value(text, 'hotswapd_adapter_validation_failures_total{reason="non_finite"}') == 1
-    assert _value(text, 'hotswapd_adapter_validation_failures_total{reason="truncated"}') == 0
-    assert _value(text, "hotswapd_recompilations_total") == 0
-    assert _value(text, "hotswapd_swap_stall_seconds_count") == 2
-    assert _value(text, "hotswapd_swap_duration_seconds_count") == 1  # only bravo-1 was "seen landing"
-    assert _value(text, 'hotswapd_requests_total{code="200",endpoint="completions"}') >= 3  # type: ignore[operator]
-    assert _value(text, "hotswapd_generated_tokens_total") >= 3  # type: ignore[operator]
-    assert _value(text, "hotswapd_inflight_requests") == 0
+    assert metric(text, 'hotswapd_swaps_total{result="success"}') == 2  # alpha at start, bravo-1
+    assert metric(text, 'hotswapd_swaps_total{result="rejected"}') == 1
+    assert metric(text, 'hotswapd_swaps_total{result="rolled_back"}') == 0  # known series, at 0
+    assert metric(text, 'hotswapd_adapter_validation_failures_total{reason="non_finite"}') == 1
+    assert metric(text, 'hotswapd_adapter_validation_failures_total{reason="truncated"}') == 0
+    assert metric(text, "hotswapd_recompilations_total") == 0
+    assert metric(text, "hotswapd_swap_stall_seconds_count") == 2
+    assert metric(text, "hotswapd_swap_duration_seconds_count") == 1  # only bravo-1 was "seen landing"
+    assert metric(text, 'hotswapd_requests_total{code="200",endpoint="completions"}') >= 3  # type: ignore[operator]
+    assert metric(text, "hotswapd_generated_tokens_total") >= 3  # type: ignore[operator]
+    assert metric(text, "hotswapd_inflight_requests") == 0
     live = [ln for ln in text.splitlines() if ln.startswith("hotswapd_adapter_info{")]
     assert len(live) == 1 and 'version="bravo-1"' in live[0] and live[0].endswith(" 1.0")
     assert re.search(r'hotswapd_build_info\{.*device="cpu".*\} 1.0', text)
@@ -136,7 +123,7 @@ def test_exposition_passes_promtool_and_counts_what_happened(daemon: DaemonProce
 
 
 def test_openmetrics_on_request_and_loopback_only(daemon: DaemonProcess) -> None:
-    url = _metrics_url(daemon)
+    url = daemon.metrics_url
     text, content_type = _get(url, accept="application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text") and text.rstrip().endswith("# EOF")
     port = urllib.parse.urlsplit(url).port
@@ -151,7 +138,7 @@ def test_openmetrics_on_request_and_loopback_only(daemon: DaemonProcess) -> None
 
 
 def test_a_real_prometheus_scrapes_the_daemon(daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path) -> None:
-    target = urllib.parse.urlsplit(_metrics_url(daemon)).netloc
+    target = urllib.parse.urlsplit(daemon.metrics_url).netloc
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

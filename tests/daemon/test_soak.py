@@ -31,8 +31,8 @@ import torch
 from hotswapd.client import Client
 from hotswapd.demo import BROKEN_REASONS, DemoAssets
 
-from .harness import DaemonProcess, drop_adapter, wait_until, write_config
-from .test_metrics import EventFollower, _get, _metrics_url, _value
+from .harness import DaemonProcess, drop_adapter, metric, wait_until, write_config
+from .test_metrics import EventFollower, _get
 
 SOAK_SECONDS = float(os.environ.get("HOTSWAPD_SOAK_SECONDS", "60"))
 pytestmark = [pytest.mark.soak, pytest.mark.slow, pytest.mark.timeout(int(SOAK_SECONDS) + 900)]
@@ -404,9 +404,9 @@ def _storm(d: DaemonProcess, assets: DemoAssets, workdir: Path, refs: dict[tuple
     time.sleep(1.5)  # one more monitor round, for the last rejections
     monitor_stop.set()
     workers[1].join(10)
-    metrics, _ = _get(_metrics_url(d))
-    recompilations = _value(metrics, "hotswapd_recompilations_total")
-    failed_swaps = _value(metrics, 'hotswapd_swaps_total{result="failed"}')
+    metrics, _ = _get(d.metrics_url)
+    recompilations = metric(metrics, "hotswapd_recompilations_total")
+    failed_swaps = metric(metrics, 'hotswapd_swaps_total{result="failed"}')
     stream_ended = events.ended.is_set()
     events.close()
 
