@@ -57,6 +57,9 @@ class DirectorySourceConfig:
     rescan_seconds: float = 30.0
     polling: bool = False
     marker: str | None = None
+    # A file inside a version folder that resolves outside the watched folder (a symlink to
+    # /etc/shadow, say) is refused (outside_watched_folder) unless this is true.
+    follow_symlinks: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class HubSourceConfig:
     poll_seconds: float = 60.0
     token_file: str | None = None
     endpoint: str | None = None
+    # Downloads kept on disk: the live commit plus the newest previous ones of the rollback chain;
+    # every other snapshot is deleted once a new commit is live.
+    keep_versions: int = 3
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,7 @@ def _check_values(c: Config) -> list[str]:
         "server.drain_timeout_s": c.server.drain_timeout_s,
         "source.directory.rescan_seconds": c.source.directory.rescan_seconds,
         "source.hub.poll_seconds": c.source.hub.poll_seconds,
+        "source.hub.keep_versions": c.source.hub.keep_versions,
     }
     p += [f"{k}: must be > 0, got {v!r}" for k, v in positive.items() if v <= 0]
     if c.model.compile.mode in ("reduce-overhead", "max-autotune"):

@@ -26,11 +26,42 @@ if TYPE_CHECKING:
 CLIENT_VERBS = ("status", "generate", "swap", "rollback")
 
 
+DESCRIPTION = """\
+Serve a torch.compile'd model over a Unix socket and hot-swap its LoRA adapter in place.
+
+  hotswapd demo                         build a tiny local model and two adapters, then serve them
+  hotswapd run --config FILE            the daemon (systemd: see systemd/hotswapd.service)
+  hotswapd status | generate | swap | rollback   talk to a running daemon (--socket or $HOTSWAPD_SOCKET)
+"""
+EPILOG = "Exit codes: 0 ok, 1 adapter rejected, 2 bad config or usage, 3 runtime failure or daemon unreachable."
+
+
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--log-level / --log-format, accepted before or after the verb (as a unit's ExecStart= writes them).
+
+    The copies on each verb default to SUPPRESS, so they only override what was given before the verb.
+    """
+    level = "INFO" if defaults else argparse.SUPPRESS
+    fmt = "text" if defaults else argparse.SUPPRESS
+    parser.add_argument("--log-level", default=level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default=fmt, choices=["text", "json"], help="json: one object per line")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hotswapd", description=__doc__)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = argparse.ArgumentParser(
+        prog="hotswapd", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _global_options(p, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
+    subparsers = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    class _Verbs:
+        @staticmethod
+        def add_parser(name: str, *, parents: Sequence[argparse.ArgumentParser] = (), **kw: Any) -> Any:
+            return subparsers.add_parser(name, parents=[*parents, common], **kw)
+
+    verbs = _Verbs()
 
     v = verbs.add_parser("run", help="the daemon: serve the model, watch for adapters, swap them in")
     v.add_argument("--config", required=True)
