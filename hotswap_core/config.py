@@ -146,7 +146,23 @@ def config_from_dict(raw: Any, base_dir: Path | None = None) -> Config:
     if problems:
         raise ConfigError(problems)
     assert isinstance(config, Config)
-    return _resolve_paths(config, base_dir) if base_dir is not None else config
+    config = _resolve_paths(config, base_dir) if base_dir is not None else config
+    check_socket_path("server.socket", config.server.socket)
+    return config
+
+
+# sun_path in unix(7) is 108 bytes, NUL included: a longer path fails only at bind() time.
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def check_socket_path(key: str, path: str) -> None:
+    """Raise ConfigError naming ``key`` when ``path`` is too long to bind as a Unix socket."""
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            [f"{key}: the socket path {path} is {size} bytes; Unix socket paths must be at most "
+             f"{MAX_SOCKET_PATH_BYTES} bytes (unix(7)): choose a shorter folder"]
+        )  # fmt: skip
 
 
 def _describe(value: Any) -> str:

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -31,6 +32,22 @@ log = logging.getLogger("hotswapd.engine")
 T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WarmupStep:
+    """One warm-up step about to run: step ``k`` of ``total``; ``eta_s`` is None until one step has run."""
+
+    k: int
+    total: int
+    slot: int
+    batch: int
+    length: int
+    elapsed_s: float
+    eta_s: float | None
+
+    def describe(self) -> str:
+        return f"step {self.k}/{self.total}: slot {self.slot + 1}/2, batch {self.batch}, prompt length {self.length}"
 
 
 class EngineBusy(EngineError):
@@ -147,8 +164,13 @@ class Engine:
         torch._dynamo.config.accumulated_recompile_limit = max(256, c.recompile_limit * 4)
         torch._dynamo.config.fail_on_recompile_limit_hit = True
 
-    def warm_up(self, progress: Callable[[str], None] | None = None) -> float:
-        """Run every shape class the server will see, on both slots, so no request compiles later."""
+    def warm_up(self, progress: Callable[[WarmupStep], None] | None = None) -> float:
+        """Run every shape class the server will see, on both slots, so no request compiles later.
+
+        ``progress`` is called before each step. The first step compiles most graphs (minutes on a
+        cold cache), so the estimate is the mean step time so far times the steps left: rough early,
+        close by the second slot (which compiles nothing).
+        """
         t0 = time.monotonic()
         self._configure_dynamo()
         lengths = sorted({2, 3, max(3, self.max_seq_len // 2), max(3, self.max_seq_len - 4)})
@@ -156,7 +178,9 @@ class Engine:
         plan = [(s, b, n) for s in (0, 1) for b in batches for n in lengths]
         for k, (slot, bsz, length) in enumerate(plan, 1):
             if progress:
-                progress(f"warming slot {slot + 1}/2, batch {bsz}, prompt length {length} ({k}/{len(plan)})")
+                elapsed = time.monotonic() - t0
+                eta = elapsed / (k - 1) * (len(plan) - k + 1) if k > 1 else None
+                progress(WarmupStep(k, len(plan), slot, bsz, length, elapsed, eta))
             self.slots.select(slot)
             # Rows of different lengths, so left padding (a mask with zeros) is part of what is traced.
             rows = [

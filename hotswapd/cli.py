@@ -20,6 +20,7 @@ from hotswap_core.errors import AdapterRejected, ConfigError, HotswapError
 from hotswapd.client import DEFAULT_SOCKET, EXIT_CONFIG, EXIT_OK, EXIT_REJECTED, EXIT_RUNTIME, run_client_verb
 
 if TYPE_CHECKING:
+    from hotswap_core.engine import WarmupStep
     from hotswapd.daemon import Daemon
     from hotswapd.demo import DemoAssets
 
@@ -112,6 +113,16 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `hotswapd status | head -4`: the reader went away. Quiet, as coreutils are; stdout goes to
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for `cat` in the same place
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
     _setup_logging(args.log_level, args.log_format)
@@ -119,13 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb in CLIENT_VERBS:
             return run_client_verb(args)
         if args.verb == "run":
-            return _run(args.config)
+            return _run(args.config, progress_bar=_progress_bar(args.log_format))
         if args.verb == "check-config":
             return _check_config(args.config)
         if args.verb == "validate":
             return _validate(args.adapter_dir, args.config, args.json)
         if args.verb == "demo":
-            return _demo(Path(args.dir), serve=not args.no_serve, force=args.force)
+            return _demo(Path(args.dir), serve=not args.no_serve, force=args.force, log_format=args.log_format)
         if args.verb == "bench":
             return _bench(args)
     except ConfigError as exc:
@@ -149,12 +160,17 @@ def _setup_logging(level: str, fmt: str) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
-def _run(config_path: str, on_ready: Callable[[Daemon], None] | None = None) -> int:
+def _run(
+    config_path: str,
+    on_ready: Callable[[Daemon], None] | None = None,
+    progress_bar: Callable[[WarmupStep | None], None] | None = None,
+) -> int:
     from hotswap_core.config import load_config
     from hotswapd.daemon import Daemon
 
     daemon = Daemon(config_path, load_config(config_path))
     daemon.on_ready = on_ready
+    daemon.on_warmup = progress_bar
     daemon.metrics_port_fallback = on_ready is not None  # the demo: a busy 9464 must not spoil it
     return daemon.run()
 
@@ -211,9 +227,12 @@ def _validate(adapter_dir: str, config_path: str, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _demo(root: Path, serve: bool, force: bool) -> int:
-    from hotswapd.demo import build_demo
+def _demo(root: Path, serve: bool, force: bool, log_format: str) -> int:
+    from hotswap_core.config import check_socket_path
+    from hotswapd.demo import DemoAssets, build_demo
 
+    # Before the asset build: a folder too deep for a Unix socket path should fail in a second, not after it.
+    check_socket_path("--dir", str(DemoAssets.at(root.absolute()).socket))
     t0 = time.monotonic()
     assets = build_demo(root, force=force)
     print(f"demo assets in {assets.root} ({time.monotonic() - t0:.1f}s)")
@@ -222,7 +241,9 @@ def _demo(root: Path, serve: bool, force: bool) -> int:
     print(f"  config: {assets.config}")
     if not serve:
         return EXIT_OK
-    return _run(str(assets.config), on_ready=_demo_ready(assets))
+    print("starting the daemon: the first start compiles the model (minutes on a small CPU), later starts reuse")
+    print(f"the compile cache in {assets.root / 'cache'}", flush=True)
+    return _run(str(assets.config), on_ready=_demo_ready(assets), progress_bar=_progress_bar(log_format))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -253,15 +274,17 @@ def _demo_ready(assets: DemoAssets) -> Callable[[Daemon], None]:
         print(f"live: {res.adapter.version:<8} {prompt!r} -> {res.text!r}", flush=True)
 
     def on_ready(daemon: Daemon) -> None:
-        sock, watched = assets.root / "hotswapd.sock", assets.watched
+        sock, watched = assets.socket, assets.watched
         body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0})
         assert daemon.swapper is not None
         # Suggest the example that is not live (a second run restores what the first left live).
         live_path = daemon.swapper.live.path or ""
         other = assets.alpha if Path(live_path).name.startswith("bravo") else assets.bravo
         print(f"\nhotswapd is serving on {sock}. In another terminal:\n", flush=True)
+        print(f"  export HOTSWAPD_SOCKET={sock}   # for hotswapd status / generate / swap / rollback")
         print(f"  curl -s --unix-socket {sock} http://localhost/v1/completions -d '{body}'")
         print(f"  cp -r {other} {watched}/.incoming && mv {watched}/.incoming {watched}/{other.name}-$(date +%s)")
+        print("  hotswapd status")
         print(f"  curl -s {daemon.metrics_url or '(metrics disabled)'} | grep '^hotswapd_swap'\n")
         print("Ctrl-C stops it.", flush=True)
         show(daemon)
@@ -270,6 +293,26 @@ def _demo_ready(assets: DemoAssets) -> Callable[[Daemon], None]:
         )
 
     return on_ready
+
+
+def _progress_bar(log_format: str) -> Callable[[WarmupStep | None], None] | None:
+    """A one-line warm-up bar on stderr when it is a terminal (text logs); else None: log lines per step."""
+    if log_format != "text" or not sys.stderr.isatty():
+        return None
+    width = 24
+
+    def show(step: WarmupStep | None) -> None:
+        if step is None:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            return
+        done = round(width * (step.k - 1) / step.total)
+        eta = f", ~{step.eta_s:.0f}s left" if step.eta_s is not None else ", compiling (minutes when cold)"
+        line = f"warming up [{'#' * done}{'.' * (width - done)}] {step.describe()}, {step.elapsed_s:.0f}s{eta}"
+        sys.stderr.write(f"\r{line}\x1b[K")
+        sys.stderr.flush()
+
+    return show
 
 
 class JsonFormatter(logging.Formatter):

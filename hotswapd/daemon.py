@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hotswap_core.config import Config, apply_reload, load_config, swap_roots
-from hotswap_core.engine import Engine
+from hotswap_core.engine import Engine, WarmupStep
 from hotswap_core.errors import ConfigError, HotswapError
 from hotswap_core.history import History, SwapRecord, fingerprint
 from hotswap_core.metrics import Metrics
@@ -58,6 +58,8 @@ class Daemon:
         self.metrics_url: str | None = None
         self.on_ready: Callable[[Daemon], None] | None = None  # the demo prints its three lines here
         self.metrics_port_fallback = False  # the demo: take a free port when metrics.listen is busy
+        # Warm-up progress for a terminal (the CLI's progress bar; None once done); unset: a log line per step.
+        self.on_warmup: Callable[[WarmupStep | None], None] | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._startup_since: float | None = None
@@ -230,14 +232,32 @@ class Daemon:
     def _load_and_warm(self) -> None:
         assert self.engine is not None
         self.notifier.status(f"loading {self.config.model.path}")
+        log.info("loading %s", self.config.model.path)
         self.engine.load()
+        cache = self.config.model.compile.cache_dir
+        if self.config.model.compile.enabled:
+            warm = cache is not None and _has_files(Path(cache))
+            log.info(
+                "compiling and warming up (%s); the first step compiles the graphs",
+                f"compile cache {cache} has entries: expect seconds to a minute"
+                if warm
+                else "cold compile cache: expect minutes on a small CPU",
+            )
 
-        def progress(msg: str) -> None:
-            log.debug("%s", msg)
-            self.notifier.status(f"compiling and warming: {msg}")
+        def progress(step: WarmupStep) -> None:
+            self.notifier.status(f"compiling and warming: {step.describe()}")
             self.notifier.extend_timeout(_WARMUP_STEP_TIMEOUT_S)  # a cold compile step may take minutes
+            if self.on_warmup is not None:
+                self.on_warmup(step)
+            else:
+                eta = f", about {step.eta_s:.0f}s left" if step.eta_s is not None else ""
+                log.info("warm-up %s; %.0fs so far%s", step.describe(), step.elapsed_s, eta)
 
-        self.engine.warm_up(progress=progress)
+        try:
+            self.engine.warm_up(progress=progress)
+        finally:
+            if self.on_warmup is not None:
+                self.on_warmup(None)
 
     async def _shutdown(self) -> None:
         """SIGTERM: stop accepting, let in-flight requests finish (bounded), stop everything."""
@@ -416,3 +436,11 @@ class Daemon:
 def _model_id(config: Config) -> str:
     path = config.model.path
     return Path(path).name if os.path.isdir(path) else path
+
+
+def _has_files(folder: Path) -> bool:
+    """True if ``folder`` holds any file (a warm inductor cache); stops at the first one."""
+    try:
+        return any(files for _, _, files in os.walk(folder))
+    except OSError:
+        return False

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import shutil
+import stat
 import string
 import time
 import warnings
@@ -95,6 +96,11 @@ class DemoAssets:
     watched: Path  # the directory source watches this (empty at build)
     config: Path
 
+    @property
+    def socket(self) -> Path:
+        """Where the demo config's ``server.socket`` (relative to the config) puts the socket."""
+        return self.root / "hotswapd.sock"
+
     @classmethod
     def at(cls, root: Path) -> DemoAssets:
         """The layout of a demo folder at ``root`` (nothing is read or written)."""
@@ -139,10 +145,20 @@ def build_demo(root: Path, *, force: bool = False) -> DemoAssets:
         _train_adapter(base, alpha, " alpha", assets.alpha, seed=SEED + 1)
         _train_adapter(base, bravo, " bravo", assets.bravo, seed=SEED + 2)
         _write_broken(base, assets)
+    _group_readable(assets.base, root / "examples")
     assets.config.write_text(CONFIG_YAML)
     marker.write_text(DEMO_VERSION + "\n")  # last: its presence means everything above is complete
     logger.info("demo assets built in %s in %.1f s", root, time.monotonic() - started)
     return assets
+
+
+def _group_readable(*folders: Path) -> None:
+    """safetensors writes its files 0600. A producer's `cp -r` keeps that mode, and a daemon running as
+    another user in the producer's group then cannot read the weights (rejected `unreadable`)."""
+    for folder in folders:
+        for path in (folder, *folder.rglob("*")):
+            extra = 0o055 if path.is_dir() else 0o044  # read (and enter) for group and others
+            path.chmod(stat.S_IMODE(path.stat().st_mode) | extra)
 
 
 @contextlib.contextmanager

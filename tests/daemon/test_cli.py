@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,6 +19,11 @@ import pytest
 from hotswapd.demo import BROKEN_REASONS
 
 from ..conftest import run_cli
+
+
+def run_cli_line() -> str:
+    """``hotswapd`` as a shell word, for running a printed command line with this Python."""
+    return " ".join(shlex.quote(a) for a in run_cli())
 
 
 def _validate(adapter: Path, config: Path, env: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -97,6 +104,9 @@ def test_demo_no_serve_builds_assets_in_the_given_dir(tmp_path: Path, cli_env: d
         "hotswapd.yaml",
     ):
         assert (tmp_path / "d" / rel).is_file(), rel
+    # Group-readable, so that a producer's `cp -r` of an example gives files a daemon in the group can read.
+    for f in [*(tmp_path / "d" / "examples").rglob("*"), *(tmp_path / "d" / "base").rglob("*")]:
+        assert f.stat().st_mode & 0o040, f"{f} is {oct(f.stat().st_mode)}"
     assert (tmp_path / "d" / "adapters").is_dir() and not any((tmp_path / "d" / "adapters").iterdir())
     check = subprocess.run(
         run_cli("check-config", str(tmp_path / "d" / "hotswapd.yaml")),
@@ -136,17 +146,79 @@ def test_demo_serves_prints_three_lines_and_visibly_flips(demo_assets: Any, cli_
 
         try:
             assert "alpha" in read_until(lambda s: s.startswith("live:"), 300)
-            commands = [s.strip() for s in lines if s.startswith("  curl") or s.startswith("  cp")]
-            curl, drop, metrics = commands  # the three lines a newcomer needs, in that order
+            commands = [s.strip() for s in lines if s.startswith(("  export", "  curl", "  cp", "  hotswapd"))]
+            export, curl, drop, metrics, status = commands  # what a newcomer needs, in that order
+            assert export.startswith(f"export HOTSWAPD_SOCKET={root}/hotswapd.sock")
             answer = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60, check=True)
             assert json.loads(answer.stdout)["choices"][0]["text"].startswith(" alpha")
             subprocess.run(["bash", "-c", drop], timeout=60, check=True)
             assert "' bravo" in read_until(lambda s: s.startswith("live: bravo"), 30)
             scraped = subprocess.run(["bash", "-c", metrics], capture_output=True, text=True, timeout=60)
             assert 'hotswapd_swaps_total{result="success"}' in scraped.stdout
+            # The client verbs find the socket through the exported variable, without --socket.
+            shown = subprocess.run(
+                ["bash", "-c", f"{export.split('#')[0]}; {status.replace('hotswapd', run_cli_line(), 1)}"],
+                capture_output=True, text=True, timeout=60, env=cli_env,
+            )  # fmt: skip
+            assert shown.returncode == 0 and "bravo" in shown.stdout, shown
             proc.send_signal(signal.SIGINT)
             assert proc.wait(60) == 0
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_global_options_work_before_and_after_the_verb(demo_assets: Any, cli_env: dict) -> None:
+    """The units' ExecStart= writes `run --config … --log-format json`; argparse used to refuse it (exit 2)."""
+    for argv in (
+        ("check-config", str(demo_assets.config), "--log-format", "json", "--log-level", "DEBUG"),
+        ("--log-format", "json", "check-config", str(demo_assets.config)),
+        ("--log-level", "WARNING", "check-config", str(demo_assets.config), "--log-format", "text"),
+    ):
+        out = subprocess.run(run_cli(*argv), capture_output=True, text=True, timeout=60, env=cli_env)
+        assert (out.returncode, out.stdout.strip()) == (0, f"OK {demo_assets.config}"), (argv, out.stderr)
+    bad = subprocess.run(run_cli("check-config", "x", "--log-format", "yaml"), capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'yaml'" in bad.stderr
+
+
+def test_help_is_for_users() -> None:
+    out = subprocess.run(run_cli("--help"), capture_output=True, text=True, timeout=60, check=True)
+    assert "hotswapd demo" in out.stdout and "Exit codes" in out.stdout
+    assert "The only place that prints" not in out.stdout  # the module's docstring is for developers
+
+
+def test_a_closed_pipe_ends_quietly(demo_assets: Any, cli_env: dict) -> None:
+    """`hotswapd … | head -1`: no BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        out = subprocess.run(
+            run_cli("validate", str(demo_assets.alpha), "--config", str(demo_assets.config)),
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, env=cli_env,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141, out.stderr
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+
+
+def test_a_socket_path_too_long_fails_before_the_demo_builds(tmp_path: Path, cli_env: dict) -> None:
+    deep = tmp_path / ("d" * (120 - len(str(tmp_path))))
+    started = time.monotonic()
+    out = subprocess.run(run_cli("demo", "--dir", str(deep)), capture_output=True, text=True, timeout=60, env=cli_env)
+    assert out.returncode == 2, out
+    assert "Unix socket paths must be at most 107 bytes" in out.stderr and "--dir" in out.stderr
+    assert not deep.exists()  # nothing was built
+    assert time.monotonic() - started < 30  # no asset build (which takes ~5-15 s) and no compile
+
+
+def test_check_config_names_a_socket_path_that_is_too_long(tmp_path: Path, cli_env: dict) -> None:
+    config = tmp_path / "c.yaml"
+    long_sock = "/tmp/" + "s" * 110 + ".sock"
+    config.write_text(
+        "model: {path: x}\nadapter: {target_modules: [q_proj]}\nsource: {kind: none}\n"
+        f"server: {{socket: {long_sock}}}\n"
+    )
+    out = subprocess.run(run_cli("check-config", str(config)), capture_output=True, text=True, timeout=60, env=cli_env)
+    assert out.returncode == 2 and out.stdout.startswith("server.socket: the socket path"), out
