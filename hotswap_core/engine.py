@@ -167,20 +167,19 @@ class Engine:
     def warm_up(self, progress: Callable[[WarmupStep], None] | None = None) -> float:
         """Run every shape class the server will see, on both slots, so no request compiles later.
 
-        ``progress`` is called before each step. The first step compiles most graphs (minutes on a
-        cold cache), so the estimate is the mean step time so far times the steps left: rough early,
-        close by the second slot (which compiles nothing).
+        ``progress`` is called before each step, with an estimate of the time left (see ``_eta``).
         """
         t0 = time.monotonic()
         self._configure_dynamo()
         lengths = sorted({2, 3, max(3, self.max_seq_len // 2), max(3, self.max_seq_len - 4)})
         batches = sorted({1, 2, self.max_batch_size})
         plan = [(s, b, n) for s in (0, 1) for b in batches for n in lengths]
+        took: list[tuple[float, bool]] = []  # (seconds, compiled a graph) per step done
         for k, (slot, bsz, length) in enumerate(plan, 1):
             if progress:
-                elapsed = time.monotonic() - t0
-                eta = elapsed / (k - 1) * (len(plan) - k + 1) if k > 1 else None
-                progress(WarmupStep(k, len(plan), slot, bsz, length, elapsed, eta))
+                eta = self._eta(plan[k - 1 :], took, {b for s, b, _ in plan[: k - 1] if s == 0})
+                progress(WarmupStep(k, len(plan), slot, bsz, length, time.monotonic() - t0, eta))
+            step_t0, graphs = time.monotonic(), compiled_graph_count()
             self.slots.select(slot)
             # Rows of different lengths, so left padding (a mask with zeros) is part of what is traced.
             rows = [
@@ -188,12 +187,31 @@ class Engine:
                 for i in range(bsz)
             ]
             self._generate(rows)
+            took.append((time.monotonic() - step_t0, compiled_graph_count() > graphs))
             log.debug("warm-up step %d/%d: %d graphs so far", k, len(plan), compiled_graph_count())
         self.slots.select(self.slots.live)
         self._graphs_after_warmup = compiled_graph_count()
         elapsed = time.monotonic() - t0
         log.info("warm-up done in %.1fs: %d graphs compiled", elapsed, self._graphs_after_warmup)
         return elapsed
+
+    def _eta(self, left: list[tuple[int, int, int]], took: list[tuple[float, bool]], seen: set[int]) -> float | None:
+        """Seconds the steps ``left`` should take. Nearly all the time goes into the steps that compile:
+        on slot 1, with ``compile.dynamic`` the first step of each of the first two batch sizes (then the
+        dimensions are symbolic), without it every step; slot 2 reuses slot 1's graphs. None until a
+        compiling step is done."""
+        compiling = [t for t, compiled in took if compiled]
+        if not compiling:
+            return None
+        fast = sorted(t for t, compiled in took if not compiled)
+        per_fast = fast[len(fast) // 2] if fast else 0.05
+        dynamic = self.config.model.compile.dynamic is not False
+        new, total = set(seen), 0.0
+        for slot, bsz, _ in left:
+            compiles = slot == 0 and (not dynamic or (bsz not in new and len(new) < 2))
+            new.add(bsz)
+            total += sum(compiling) / len(compiling) if compiles else per_fast
+        return total
 
     @property
     def recompilations(self) -> int:

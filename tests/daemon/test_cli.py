@@ -222,3 +222,54 @@ def test_check_config_names_a_socket_path_that_is_too_long(tmp_path: Path, cli_e
     )
     out = subprocess.run(run_cli("check-config", str(config)), capture_output=True, text=True, timeout=60, env=cli_env)
     assert out.returncode == 2 and out.stdout.startswith("server.socket: the socket path"), out
+
+
+@pytest.mark.slow
+def test_warm_up_progress_bar_on_a_terminal_and_log_lines_otherwise(
+    demo_assets: Any, cli_env: dict, short_tmp: Path
+) -> None:
+    """A cold compile is minutes of silence otherwise: on a TTY a bar with the step and an estimate."""
+    import pty
+
+    from .harness import wait_until, write_config
+
+    config = write_config(demo_assets, short_tmp, short_tmp / "s.sock")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(run_cli("run", "--config", str(config)), stdin=follower, stdout=follower,
+                            stderr=follower, env=cli_env, close_fds=True)  # fmt: skip
+    os.close(follower)
+    seen = bytearray()
+
+    def read_some() -> bool:
+        try:
+            seen.extend(os.read(leader, 65536))
+        except OSError:  # EIO: the daemon closed its end
+            return True
+        return b"ready in" in seen
+
+    try:
+        wait_until(read_some, 300, "the daemon to become ready on a terminal", interval=0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        os.close(leader)
+    text = seen.decode(errors="replace")
+    bars = [b for b in text.split("\r") if b.startswith("warming up [")]
+    assert len(bars) == 24, text[-3000:]  # one redraw per warm-up step, in place
+    assert bars[0].startswith("warming up [........................] step 1/24: slot 1/2, batch 1"), bars[0]
+    assert "step 24/24: slot 2/2" in bars[-1] and "\x1b[K" in bars[-1]
+    assert "warm-up step" not in text  # the bar replaces the per-step log lines
+
+    # Not a terminal (systemd, a log file): one log line per step instead, with the same facts.
+    log = short_tmp / "plain.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(run_cli("run", "--config", str(config)), stdout=out, stderr=subprocess.STDOUT,
+                                env=cli_env)  # fmt: skip
+        try:
+            wait_until(lambda: b"ready in" in log.read_bytes(), 300, "the daemon to become ready")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+    lines = [line for line in log.read_text().splitlines() if "warm-up step" in line]
+    assert len(lines) == 24 and "\r" not in log.read_text()
+    assert "warm-up step 24/24: slot 2/2, batch 8" in lines[-1] and "s so far" in lines[-1]
