@@ -1,13 +1,19 @@
-"""Swap history: records, the committed-version chain (for rollback), rejected candidates, persisted state.
+"""Swap history: records, the committed-version chain (for rollback), rejected and superseded
+candidates, persisted state.
 
 State is written to ``state_dir/state.json`` atomically (temp file, fsync, rename, fsync dir), so a
 crash at any point leaves either the old or the new state, never a torn one. A full or read-only
 ``state_dir`` is logged and counted (``persist_failures``) but never stops serving.
+
+Everything here is bounded however many swaps a daemon sees (the ``MAX_*`` constants): each
+collection drops its oldest entries, and the texts kept (messages, fingerprints) are capped, so
+``state.json`` stays under ``STATE_BYTES_BOUND`` and each save costs the same after 10 swaps or 10,000.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -16,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator, MutableSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,16 @@ from hotswap_core.slots import BASE_VERSION, AdapterVersion
 log = logging.getLogger("hotswapd.history")
 
 STATE_FILE = "state.json"
+MAX_RECORDS = 200  # swap records, in memory only
+MAX_CHAIN = 50  # committed versions kept for rollback (the live one included)
+MAX_REJECTED = 200  # rejected candidates (GET /v1/adapters shows the newest 50)
+MAX_SUPERSEDED = 100  # candidates passed over for a newer one in the same look
+MAX_ROLLED_BACK = 100  # versions rolled back from (not re-applied), per set
+MAX_MESSAGE = 1000  # characters of a rejection's (or a record's) message kept
+_MAX_FINGERPRINT = 256  # longer fingerprints (folders of many files) are kept as their sha256
+# What state.json can hold at most: each entry's paths are OS paths (PATH_MAX 4096 bytes, JSON-escaped
+# up to 6x for control characters), the rest is capped above. Typical states are a few tens of KiB.
+STATE_BYTES_BOUND = (MAX_CHAIN + MAX_REJECTED + MAX_SUPERSEDED + 2 * MAX_ROLLED_BACK) * 6 * (4096 + MAX_MESSAGE + 600)
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,16 @@ class Rejection:
     at: float
 
 
+@dataclass(frozen=True)
+class Superseded:
+    """A candidate the source passed over because a newer one (``by``) won the same look."""
+
+    path: str
+    version: str
+    by: str  # the winner's version
+    at: float
+
+
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """Cheap content identity of an adapter folder: name, size and mtime of each file in it.
 
@@ -69,16 +96,61 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
     return "|".join(entries)
 
 
+def _fingerprint_key(fp: str) -> str:
+    """What a rejection keeps of a fingerprint: itself, or its sha256 when long (compared, never shown)."""
+    return fp if len(fp) <= _MAX_FINGERPRINT else "sha256:" + hashlib.sha256(fp.encode("utf-8", "replace")).hexdigest()
+
+
+def _cap(message: str | None) -> str | None:
+    if message is None or len(message) <= MAX_MESSAGE:
+        return message
+    return message[: MAX_MESSAGE - 1] + "…"
+
+
+class _Recent(MutableSet[str]):
+    """A set that keeps its newest ``limit`` members, oldest first (adding one again makes it newest)."""
+
+    def __init__(self, limit: int, members: Iterable[str] = ()) -> None:
+        self.limit = limit
+        self._members: dict[str, None] = {}
+        for m in members:
+            self.add(m)
+
+    def __contains__(self, member: object) -> bool:
+        return member in self._members
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __repr__(self) -> str:
+        return f"_Recent({list(self._members)!r}, limit={self.limit})"
+
+    def add(self, member: str) -> None:
+        self._members.pop(member, None)
+        self._members[member] = None
+        while len(self._members) > self.limit:
+            del self._members[next(iter(self._members))]
+
+    def discard(self, member: str) -> None:
+        self._members.pop(member, None)
+
+
 class History:
-    def __init__(self, state_dir: str | None, max_records: int = 200) -> None:
+    def __init__(self, state_dir: str | None, max_records: int = MAX_RECORDS) -> None:
         self.state_dir = Path(state_dir) if state_dir else None
         self.records: deque[SwapRecord] = deque(maxlen=max_records)
-        self.rejected: dict[str, Rejection] = {}
+        self.rejected: dict[str, Rejection] = {}  # by path, oldest rejection first
+        self.superseded: deque[Superseded] = deque(maxlen=MAX_SUPERSEDED)  # oldest first
         # Committed versions, oldest first; the last one is live. Rollback pops.
         self.chain: list[AdapterVersion] = [BASE_VERSION]
-        # A version explicitly rolled back from is not re-applied until a newer candidate lands.
-        self.rolled_back: set[str] = set()
-        self.rolled_back_versions: set[str] = set()  # their names (a Hub source re-offers repo@sha on restart)
+        # A version explicitly rolled back from is not re-applied until a newer candidate lands
+        # (set-like; the newest MAX_ROLLED_BACK are remembered).
+        self.rolled_back: _Recent = _Recent(MAX_ROLLED_BACK)
+        # Their names (a Hub source re-offers repo@sha on restart).
+        self.rolled_back_versions: _Recent = _Recent(MAX_ROLLED_BACK)
         # Unix time the live version was committed (or rolled back to): a candidate that landed
         # before it is not newer, so a restart does not undo an operator's swap or rollback.
         self.live_since: float | None = None
@@ -88,15 +160,34 @@ class History:
 
     # ---- records and rejections -------------------------------------------------------------
     def add(self, record: SwapRecord) -> None:
+        if record.message is not None and len(record.message) > MAX_MESSAGE:
+            record = dataclasses.replace(record, message=_cap(record.message))
         with self._lock:
             self.records.append(record)
 
     def reject(self, path: str, fp: str, reason: str, message: str) -> None:
+        rejection = Rejection(path, _fingerprint_key(fp), reason, _cap(message) or "", time.time())
         with self._lock:
-            self.rejected[path] = Rejection(path, fp, reason, message, time.time())
-            if len(self.rejected) > 1000:  # bounded: forget the oldest
-                del self.rejected[min(self.rejected.values(), key=lambda r: r.at).path]
+            self.rejected.pop(path, None)  # re-rejected: now the newest
+            self.rejected[path] = rejection
+            while len(self.rejected) > MAX_REJECTED:  # bounded: forget the oldest
+                del self.rejected[next(iter(self.rejected))]
         self.save()
+
+    def supersede(self, passed: list[tuple[str, str]], by: str) -> None:
+        """Record candidates (path, version) passed over because ``by`` won the same look. Not a swap,
+        not a rejection: they were never validated."""
+        if not passed:
+            return
+        now = time.time()
+        with self._lock:
+            self.superseded.extend(Superseded(path, version, by, now) for path, version in passed)
+        self.save()
+
+    def supersessions(self) -> list[Superseded]:
+        """Superseded candidates, newest first: a copy (the source adds to them from its thread)."""
+        with self._lock:
+            return list(reversed(self.superseded))
 
     def recent(self, n: int) -> list[SwapRecord]:
         """The newest ``n`` records, newest first: a copy, because swaps append from other threads
@@ -107,14 +198,13 @@ class History:
     def rejections(self) -> list[Rejection]:
         """Rejected candidates, newest first: a copy (the source and swaps add to them from other threads)."""
         with self._lock:
-            found = list(self.rejected.values())
-        return sorted(found, key=lambda r: r.at, reverse=True)
+            return list(reversed(self.rejected.values()))
 
     def is_rejected(self, path: str, fp: str) -> bool:
         """True while ``path`` still has the content it had when it was rejected."""
         with self._lock:
             r = self.rejected.get(path)
-            return r is not None and r.fingerprint == fp
+            return r is not None and r.fingerprint == _fingerprint_key(fp)
 
     # ---- committed chain --------------------------------------------------------------------
     @property
@@ -128,7 +218,7 @@ class History:
                 self.chain[-1] = version
                 return
             self.chain.append(version)
-            del self.chain[:-50]  # bounded; rollback depth of 50 is plenty
+            del self.chain[:-MAX_CHAIN]  # bounded; rollback depth of 50 is plenty
             self.rolled_back.discard(version.sha256)
             self.rolled_back_versions.discard(version.version)
             self.live_since = time.time()
@@ -153,15 +243,17 @@ class History:
         with self._save_lock:  # saves from two threads land in order, never interleaved
             with self._lock:
                 state = {
-                    "chain": [dataclasses.asdict(v) for v in self.chain],
-                    "rolled_back": sorted(self.rolled_back),
-                    "rolled_back_versions": sorted(self.rolled_back_versions),
+                    "chain": [_plain(v) for v in self.chain],
+                    "rolled_back": list(self.rolled_back),  # oldest first, as kept
+                    "rolled_back_versions": list(self.rolled_back_versions),
                     "live_since": self.live_since,
-                    "rejected": [dataclasses.asdict(r) for r in self.rejected.values()],
+                    "rejected": [_plain(r) for r in self.rejected.values()],
+                    "superseded": [_plain(s) for s in self.superseded],
                     "saved_at": time.time(),
                 }
             try:
-                atomic_write(self.state_dir / STATE_FILE, json.dumps(state, indent=2).encode())
+                # No indent: json's C encoder only runs without one (5x faster on a full state).
+                atomic_write(self.state_dir / STATE_FILE, json.dumps(state).encode())
                 return True
             except OSError as exc:
                 self.persist_failures += 1
@@ -175,11 +267,16 @@ class History:
         path = self.state_dir / STATE_FILE
         try:
             state = json.loads(path.read_text())
-            chain = [AdapterVersion(**v) for v in state["chain"]]
-            rolled_back = set(state.get("rolled_back", []))
-            rolled_back_versions = {str(v) for v in state.get("rolled_back_versions", [])}
+            chain = [AdapterVersion(**v) for v in state["chain"]][-MAX_CHAIN:]
+            rolled_back = _Recent(MAX_ROLLED_BACK, [str(v) for v in state.get("rolled_back", [])])
+            rolled_back_versions = _Recent(MAX_ROLLED_BACK, [str(v) for v in state.get("rolled_back_versions", [])])
             live_since = state.get("live_since")
-            rejected = {r["path"]: Rejection(**r) for r in state.get("rejected", [])}
+            found = sorted((Rejection(**r) for r in state.get("rejected", [])), key=lambda r: r.at)
+            rejected = {
+                r.path: dataclasses.replace(r, fingerprint=_fingerprint_key(r.fingerprint), message=_cap(r.message))
+                for r in found[-MAX_REJECTED:]
+            }
+            superseded = [Superseded(**x) for x in state.get("superseded", [])]
             if live_since is not None and not isinstance(live_since, (int, float)):
                 raise TypeError(f"live_since is {live_since!r}")
         except FileNotFoundError:
@@ -193,7 +290,14 @@ class History:
             self.rolled_back_versions = rolled_back_versions
             self.live_since = live_since
             self.rejected = rejected
+            self.superseded = deque(superseded, maxlen=MAX_SUPERSEDED)
         return True
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    """A frozen, flat dataclass as a dict, without copying (``dataclasses.asdict`` deep-copies every
+    entry, which a save per swap would pay for); only ever read by ``json.dumps``."""
+    return vars(obj)  # type: ignore[no-any-return]
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -5,13 +5,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
 from hotswap_core import history as history_mod
-from hotswap_core.history import STATE_FILE, History, SwapRecord, atomic_write, fingerprint
+from hotswap_core.history import (
+    MAX_CHAIN,
+    MAX_MESSAGE,
+    MAX_RECORDS,
+    MAX_REJECTED,
+    MAX_ROLLED_BACK,
+    MAX_SUPERSEDED,
+    STATE_BYTES_BOUND,
+    STATE_FILE,
+    History,
+    SwapRecord,
+    atomic_write,
+    fingerprint,
+)
 from hotswap_core.slots import BASE_VERSION, AdapterVersion
 
 
@@ -212,23 +226,91 @@ def test_is_rejected_only_while_fingerprint_matches(tmp_path: Path) -> None:
     assert [r["path"] for r in _state(tmp_path)["rejected"]] == ["/adapters/a"]
 
 
-def test_reject_bounds_dict_at_1000_dropping_oldest() -> None:
+def test_reject_bounds_the_dict_dropping_the_oldest() -> None:
     h = History(None)
-    for i in range(1000):
+    n = MAX_REJECTED
+    for i in range(n):
         h.reject(f"/a/{i}", "fp", "r", "m")
-    assert len(h.rejected) == 1000
-    h.reject("/a/1000", "fp", "r", "m")
-    assert len(h.rejected) == 1000
+    assert len(h.rejected) == n
+    h.reject(f"/a/{n}", "fp", "r", "m")
+    assert len(h.rejected) == n
     assert "/a/0" not in h.rejected
-    assert "/a/1" in h.rejected and "/a/1000" in h.rejected
-    # Oldest by rejection time, not by insertion: re-rejecting /a/1 makes /a/2 the oldest.
+    assert "/a/1" in h.rejected and f"/a/{n}" in h.rejected
+    # Oldest by rejection time, not by first insertion: re-rejecting /a/1 makes /a/2 the oldest.
     h.reject("/a/1", "fp-new", "r", "m")
-    assert len(h.rejected) == 1000
-    h.reject("/a/1001", "fp", "r", "m")
-    assert len(h.rejected) == 1000
+    assert len(h.rejected) == n
+    h.reject(f"/a/{n + 1}", "fp", "r", "m")
+    assert len(h.rejected) == n
     assert "/a/1" in h.rejected
     assert "/a/2" not in h.rejected
-    assert "/a/1001" in h.rejected
+    assert f"/a/{n + 1}" in h.rejected
+    assert h.rejections()[0].path == f"/a/{n + 1}" and h.rejections()[1].path == "/a/1"  # newest first
+
+
+def test_long_fingerprints_and_messages_are_capped_but_still_compared() -> None:
+    h = History(None)
+    fp = "|".join(f"file-{i}.bin:{i}:{i * 1000}" for i in range(2000))  # a folder of 2,000 files
+    h.reject("/a/many", fp, "malformed", "x" * 100_000)
+    r = h.rejected["/a/many"]
+    assert len(r.fingerprint) < 100 and len(r.message) <= MAX_MESSAGE
+    assert h.is_rejected("/a/many", fp)
+    assert not h.is_rejected("/a/many", fp + "|one-more:1:1")
+
+
+def test_superseded_are_kept_newest_first_and_round_trip(tmp_path: Path) -> None:
+    h = History(str(tmp_path))
+    h.supersede([("/w/v1", "v1"), ("/w/v2", "v2")], by="v3")
+    assert [(s.version, s.by) for s in h.supersessions()] == [("v2", "v3"), ("v1", "v3")]
+    assert [s["version"] for s in _state(tmp_path)["superseded"]] == ["v1", "v2"]
+    fresh = History(str(tmp_path))
+    assert fresh.load() is True
+    assert fresh.supersessions() == h.supersessions()
+    assert fresh.rejected == {} and fresh.chain == [BASE_VERSION]  # not a swap, not a rejection
+
+
+def test_history_stays_bounded_over_10000_swaps() -> None:
+    # /dev/shm when there is one: 10,000 fsyncs of state.json on a shared disk take minutes, on tmpfs
+    # seconds; the writes, renames and reads are the real ones either way.
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="hs-history-", dir=base) as state_dir:
+        h = History(state_dir)
+        state = Path(state_dir) / STATE_FILE
+        sizes: list[int] = []
+        folder = "/srv/hotswapd/adapters/" + "deep/" * 20  # longish paths: ~120 characters
+        fp = "|".join(f"f{i}:{1000 + i}:{1733000000000000000 + i}" for i in range(12))
+        for n in range(10_000):
+            v = AdapterVersion(f"v{n:05d}", f"{n:064x}", "directory", f"{folder}v{n:05d}")
+            kind = n % 10
+            if kind < 4:
+                h.committed(v)
+            elif kind == 4 and h.previous() is not None:
+                h.rolled_back_to_previous()
+            elif kind < 8:
+                h.reject(f"{folder}v{n:05d}", fp, "shape_mismatch", f"{folder}v{n:05d}: lora_A: shape [8, 64] " * 8)
+            else:
+                h.supersede([(f"{folder}v{n:05d}-{i}", f"v{n:05d}-{i}") for i in range(3)], by=v.version)
+            h.add(SwapRecord(v.version, v.sha256, "directory", v.path, "success", message="m" * 5000))
+            if n % 500 == 499:
+                sizes.append(state.stat().st_size)
+        assert len(h.chain) <= MAX_CHAIN
+        assert len(h.rejected) <= MAX_REJECTED
+        assert len(h.superseded) <= MAX_SUPERSEDED
+        assert len(h.rolled_back) <= MAX_ROLLED_BACK and len(h.rolled_back_versions) <= MAX_ROLLED_BACK
+        assert len(h.records) <= MAX_RECORDS
+        assert all(r.message is not None and len(r.message) <= MAX_MESSAGE for r in h.records)
+        # The file stops growing once every collection is full, far under the worst-case bound.
+        assert max(sizes) <= STATE_BYTES_BOUND
+        assert max(sizes) < 1_000_000, sizes
+        assert sizes[-1] <= sizes[len(sizes) // 2] * 1.05, sizes
+        fresh = History(state_dir)
+        assert fresh.load() is True
+        assert fresh.chain == h.chain
+        assert fresh.rejected == h.rejected
+        assert fresh.supersessions() == h.supersessions()
+        assert list(fresh.rolled_back) == list(h.rolled_back)
+        assert list(fresh.rolled_back_versions) == list(h.rolled_back_versions)
+        assert fresh.live_since == h.live_since
+        print(f"state.json after 10,000 operations: {sizes[-1]} bytes (max {max(sizes)})")
 
 
 # ---- write failures -------------------------------------------------------------------------------
