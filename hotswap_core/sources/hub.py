@@ -14,6 +14,11 @@ Why it looks as it does (huggingface_hub 2.4.0):
 * The client checks each file's size and retries a short one, then deletes the partial file; but the snapshot
   folder can still hold a short file (a size nobody reported, a damaged cache), so sizes are checked here
   against the tree listing the download cached.
+* The cache only grows (a commit an hour of 100 MB is 2.4 GB a day): with a ``keep`` callback (the daemon's
+  rollback chain) the source deletes every download of its repo but the newest ``keep_versions`` commits of the
+  chain, at its first poll, after each offer, and after a failed download (which so leaves nothing behind:
+  no half snapshot, blob, listing or lock of it). See ``hub_cache`` for what is deleted and why not with
+  ``scan_cache_dir``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -39,6 +44,7 @@ from hotswap_core.config import HubSourceConfig
 from hotswap_core.errors import HotswapError, SourceError
 from hotswap_core.sources import call_back
 from hotswap_core.sources.directory import Candidate
+from hotswap_core.sources.hub_cache import collect, snapshot_shas
 
 log = logging.getLogger("hotswapd.source.hub")
 
@@ -63,6 +69,10 @@ class HubSource:
     poll with ``unchanged``, ``changed``, ``error`` or ``rate_limited``; ``on_event(kind)`` with ``poll``, ``error``,
     ``rate_limited``. ``timeout_s`` bounds every network wait; ``jitter(ceiling)`` picks a backoff delay in
     ``[0, ceiling]`` (random by default; tests pass a deterministic one).
+
+    ``keep()`` names the committed versions, oldest first, the live one last (the daemon's rollback chain):
+    the newest ``config.keep_versions`` of them that are ``repo@sha`` stay in the cache, every other download of
+    the source's repos is deleted. Without it nothing is deleted but what a failed download left.
     """
 
     def __init__(
@@ -76,12 +86,16 @@ class HubSource:
         on_poll: Callable[[str], None] | None = None,
         timeout_s: float = 10.0,
         jitter: Callable[[float], float] | None = None,
+        keep: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self._config, self._cache_dir, self._timeout_s = config, Path(cache_dir), timeout_s
         self._on_candidate, self._skip = on_candidate, skip
         self._on_event = on_event or (lambda kind: None)
         self._on_poll = on_poll or (lambda result: None)
         self._jitter = jitter or (lambda ceiling: random.uniform(0.0, ceiling))
+        self._keep = keep
+        self._repos: set[str] = {config.repo_id}  # repos downloaded into: their old downloads are collected too
+        self._collected = False  # the first poll collects what an earlier run left
         self._cap = _TimeoutCap()
         self._poll_lock = threading.Lock()  # one poll at a time: the thread's or poll_now's
         self._lock = threading.Lock()  # the fields below, read by status()
@@ -165,6 +179,9 @@ class HubSource:
             config = self._config
             call_back(log, self._on_event, "poll")
             offered: Candidate | None = None
+            if not self._collected:
+                self._collected = True
+                self._collect(config)
             try:
                 result, offered = self._attempt(config, stop)
             except Exception as exc:  # the Hub, the network, the disk: all retried later
@@ -204,17 +221,28 @@ class HubSource:
             self._last_sha = sha
         if folder is None:
             log.warning("%s has neither %s nor %s; nothing to offer", version, CONFIG_NAME, WEIGHTS_NAME)
+            self._collect(config)
             return "changed", None
         candidate = Candidate(folder, version, self._first_seen.pop(version), sha, time.time())
         if call_back(log, self._skip, candidate):
+            self._collect(config)
             return "changed", None
         log.info("offering %s (%s)", version, folder)
         call_back(log, self._on_candidate, candidate)
+        self._collect(config)  # live now, or rejected: the chain says what stays
         return "changed", candidate
 
     def _download(self, config: HubSourceConfig, endpoint: str, token: str | bool, sha: str) -> Path | None:
         """The complete snapshot folder of ``sha`` (None: the commit has neither file); raises when incomplete."""
         version = f"{config.repo_id}@{sha}"
+        self._repos.add(config.repo_id)
+        try:
+            return self._fetch(config, endpoint, token, sha, version)
+        except Exception:
+            self._collect(config, failed=sha)  # an interrupted download leaves nothing behind
+            raise
+
+    def _fetch(self, config: HubSourceConfig, endpoint: str, token: str | bool, sha: str, version: str) -> Path | None:
         folder = Path(
             snapshot_download(
                 config.repo_id,
@@ -241,6 +269,48 @@ class HubSource:
                 raise SourceError(f"{version}: {name} is incomplete ({actual} of {size} bytes); will download again")
         self._suspect.discard(version)
         return folder if expected else None
+
+    def _collect(self, config: HubSourceConfig, failed: str | None = None) -> None:
+        """Delete the downloads nothing needs (see the class docstring); ``failed``: a download that just failed,
+        deleted unless the chain names it (a transient error re-fetching the live commit keeps the live files)."""
+        kept = self._kept(config)
+        for repo in sorted(self._repos):
+            if kept is None:
+                if failed is None or repo != config.repo_id:
+                    continue
+                keep = snapshot_shas(self._cache_dir, repo) - {failed}
+            else:
+                keep = kept.get(repo, set())
+            try:
+                done = collect(self._cache_dir, repo, keep)
+            except Exception:  # a cache we cannot clean must not stop polling
+                log.exception("collecting old downloads of %s in %s failed", repo, self._cache_dir)
+                continue
+            if done.files or done.snapshots:
+                log.info("deleted %d snapshots and %d files of %s (%.1f MB) from %s; kept %s",
+                         done.snapshots, done.files, repo, done.bytes / 1e6, self._cache_dir,
+                         ", ".join(s[:12] for s in sorted(keep)) or "nothing")  # fmt: skip
+
+    def _kept(self, config: HubSourceConfig) -> dict[str, set[str]] | None:
+        """repo_id -> the shas to keep: the newest ``keep_versions`` distinct ``repo@sha`` versions ``keep()``
+        names; None without ``keep`` or when it failed (then nothing is deleted on its word)."""
+        if self._keep is None:
+            return None
+        chain = call_back(log, _versions, self._keep)
+        if chain is None:
+            return None
+        newest: list[str] = []
+        for version in reversed(chain):
+            repo, at, sha = version.rpartition("@")
+            if at and repo and sha and version not in newest:
+                newest.append(version)
+            if len(newest) >= config.keep_versions:
+                break
+        kept: dict[str, set[str]] = {}
+        for version in newest:
+            repo, _, sha = version.rpartition("@")
+            kept.setdefault(repo, set()).add(sha)
+        return kept
 
     def _failed(self, config: HubSourceConfig, exc: Exception) -> str:
         limited, retry_after = _rate_limit(exc)
@@ -298,6 +368,10 @@ class _Quiet(hf_tqdm):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["disable"] = True
         super().__init__(*args, **kwargs)
+
+
+def _versions(keep: Callable[[], Iterable[str]]) -> list[str]:
+    return [str(v) for v in keep()]
 
 
 def _endpoint(config: HubSourceConfig) -> str:

@@ -21,6 +21,7 @@ from hotswap_core.metrics import HUB_POLL_RESULTS
 from hotswap_core.sources.directory import Candidate
 from hotswap_core.sources.hub import EVENT_KINDS, HubSource, hub_cache_dir
 from tests.fakehub import FakeHub
+from tests.tmpfs import fill, small_fs
 
 REPO = "acme/support-lora"
 TIMEOUT = 0.5  # the source's network timeout in these tests: a stall costs this, not minutes
@@ -28,14 +29,19 @@ TIMEOUT = 0.5  # the source's network timeout in these tests: a stall costs this
 
 def adapter_files(seed: int, **extra: bytes) -> dict[str, bytes]:
     """A small, valid PEFT LoRA adapter (config + safetensors), different per seed."""
+    return {**wide_adapter_files(seed, 64), **extra}
+
+
+def wide_adapter_files(seed: int, width: int) -> dict[str, bytes]:
+    """``adapter_files`` with weights of about ``16 * width`` bytes; the config is the same for every seed."""
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     rng = np.random.default_rng(seed)
     tensors = {
-        f"{prefix}.lora_A.weight": rng.standard_normal((2, 64), dtype=np.float32),
-        f"{prefix}.lora_B.weight": rng.standard_normal((64, 2), dtype=np.float32),
+        f"{prefix}.lora_A.weight": rng.standard_normal((2, width), dtype=np.float32),
+        f"{prefix}.lora_B.weight": rng.standard_normal((width, 2), dtype=np.float32),
     }
-    return {CONFIG_NAME: json.dumps(config).encode(), WEIGHTS_NAME: save(tensors), **extra}
+    return {CONFIG_NAME: json.dumps(config).encode(), WEIGHTS_NAME: save(tensors)}
 
 
 class Sink:
@@ -82,13 +88,23 @@ def make(hub: FakeHub, tmp_path: Path) -> Iterator[Callable[..., tuple[HubSource
     sources: list[HubSource] = []
 
     def _make(
-        *, revision: str = "main", poll_seconds: float = 60.0, token_file: str | None = None, **kw: Any
+        *,
+        revision: str = "main",
+        poll_seconds: float = 60.0,
+        token_file: str | None = None,
+        keep_versions: int = 3,
+        cache: Path | None = None,
+        **kw: Any,
     ) -> tuple[HubSource, Sink]:
         sink = Sink()
-        config = HubSourceConfig(REPO, revision, poll_seconds, token_file, endpoint=hub.url)
+        config = HubSourceConfig(
+            REPO, revision, poll_seconds, token_file, endpoint=hub.url, keep_versions=keep_versions
+        )
         kw.setdefault("timeout_s", TIMEOUT)
         kw.setdefault("jitter", lambda ceiling: ceiling)  # deterministic: the top of the backoff window
-        source = HubSource(config, tmp_path / "cache", sink.offer, on_event=sink.event, on_poll=sink.poll, **kw)
+        source = HubSource(
+            config, cache or tmp_path / "cache", sink.offer, on_event=sink.event, on_poll=sink.poll, **kw
+        )
         sources.append(source)
         return source, sink
 
@@ -402,3 +418,202 @@ def test_hub_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "shared"))
     assert hub_cache_dir(tmp_path) == tmp_path / "shared"
     assert os.fspath(hub_cache_dir("/srv/state")) == str(tmp_path / "shared")
+
+
+# ---- disk use: garbage collection, interrupted downloads, a full disk --------------------------------------------
+
+
+def cache_usage(cache: Path) -> tuple[int, int]:
+    """(bytes in regular files, snapshot folders) of the test repo's share of the cache."""
+    files = [p for p in cache.rglob("*") if p.is_file() and not p.is_symlink()]
+    snapshots = list((cache / "models--acme--support-lora" / "snapshots").glob("*"))
+    return sum(p.stat().st_size for p in files), len(snapshots)
+
+
+def leftovers(cache: Path, kept: set[str]) -> list[str]:
+    """What is in the cache beyond the snapshots of ``kept`` and the blobs, listings and locks they need."""
+    repo = cache / "models--acme--support-lora"
+    linked = {
+        Path(os.path.normpath(p.parent / os.readlink(p))) for s in kept for p in (repo / "snapshots" / s).iterdir()
+    }
+    extra = [p for p in (repo / "snapshots").iterdir() if p.name not in kept]
+    extra += [p for p in (repo / "blobs").iterdir() if p not in linked]  # partial downloads included
+    extra += [p for p in (repo / "trees").iterdir() if p.name not in {f"{s}.json" for s in kept}]
+    extra += [p for p in (cache / ".locks" / repo.name).iterdir() if repo / "blobs" / p.stem not in linked]
+    extra += list(cache.rglob("*.incomplete")) + list((repo / "refs").rglob("*") if (repo / "refs").exists() else [])
+    return sorted(str(p.relative_to(cache)) for p in extra)
+
+
+def chain_of(sink: Sink) -> Callable[[], list[str]]:
+    """The daemon's rollback chain as the source sees it: every offer went live, oldest first."""
+    return lambda: [o.version for o in sink.offers]
+
+
+def test_disk_use_stays_bounded_over_50_commits(hub: FakeHub, make: Any, tmp_path: Path) -> None:
+    # 25 distinct weights files (each in two consecutive commits: blobs shared by content) and one config blob
+    # shared by all 50 commits; about 100 KB a commit.
+    keep = 3
+    sink_box: list[Sink] = []
+    source, sink = make(keep_versions=keep, keep=lambda: chain_of(sink_box[0])())
+    sink_box.append(sink)
+    cache = tmp_path / "cache"
+    unbounded, worst = 0, 0
+    sizes: list[int] = []
+    for i in range(50):
+        files = wide_adapter_files(i // 2, 3200)
+        sha = hub.commit(REPO, "main", files)
+        c = source.poll_now()
+        assert c is not None and c.fingerprint == sha, sink.polls[-3:]
+        unbounded += sum(len(b) for b in files.values())
+        sizes.append(sum(len(b) for b in files.values()))
+        used, snapshots = cache_usage(cache)
+        worst = max(worst, used)
+        kept = [o.fingerprint for o in sink.offers[-keep:]]
+        assert snapshots == min(i + 1, keep), i
+        assert used <= sum(sizes[-keep:]) + 4096 * (keep + 1), (i, used)  # + the listings and the CACHEDIR.TAG
+        assert leftovers(cache, set(kept)) == [], i
+        for o in sink.offers[-keep:]:  # every kept commit whole, shared blobs included
+            assert files_in(o.path) == wide_adapter_files(sink.offers.index(o) // 2, 3200), i
+    distinct = sum(len(b) for b in {wide_adapter_files(i, 3200)[WEIGHTS_NAME] for i in range(25)})
+    print(f"\n50 commits: {unbounded / 1e6:.2f} MB downloaded, {distinct / 1e6:.2f} MB of distinct blobs; "
+          f"the cache held at most {worst / 1e6:.3f} MB (keep_versions={keep})")  # fmt: skip
+    assert worst < distinct / 8
+
+
+def test_gc_keeps_what_rollback_needs_and_nothing_the_chain_dropped(hub: FakeHub, make: Any, tmp_path: Path) -> None:
+    rolled_back: set[str] = set()
+    others: list[str] = []  # chain entries that are not Hub versions
+
+    def chain() -> list[str]:  # each offer went live, except those rolled back from
+        return others + [o.version for o in sink.offers if o.version not in rolled_back]
+
+    source, sink = make(keep_versions=2, keep=chain)
+    shas = []
+    for i in range(4):
+        shas.append(hub.commit(REPO, "main", adapter_files(i)))
+        assert source.poll_now() is not None
+    cache = tmp_path / "cache"
+    assert snapshot_dirs(cache) == set(shas[-2:]) and leftovers(cache, set(shas[-2:])) == []
+    # Rolled back (the chain pops): the previous commit's files are all there to re-stage from.
+    rolled_back.add(sink.offers[3].version)
+    assert files_in(sink.offers[2].path) == adapter_files(2)
+    # The next commit goes live: the chain is [.., 1, 2, 4] now, so 2 and 4 stay, 3 (rolled back from) goes.
+    shas.append(hub.commit(REPO, "main", adapter_files(4)))
+    assert source.poll_now() is not None
+    assert snapshot_dirs(cache) == {shas[2], shas[4]} and leftovers(cache, {shas[2], shas[4]}) == []
+    assert files_in(sink.offers[2].path) == adapter_files(2)
+    # Entries that are not Hub versions (the base model, a folder) neither count nor break anything.
+    others[:] = ["base", "alpha"]
+    shas.append(hub.commit(REPO, "main", adapter_files(5)))
+    assert source.poll_now() is not None
+    assert snapshot_dirs(cache) == {shas[4], shas[5]}
+
+
+def snapshot_dirs(cache: Path) -> set[str]:
+    return {p.name for p in (cache / "models--acme--support-lora" / "snapshots").iterdir()}
+
+
+def test_a_failing_keep_callback_deletes_nothing(hub: FakeHub, make: Any, tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def broken() -> list[str]:
+        calls.append(1)
+        raise RuntimeError("the daemon is not ready")
+
+    source, _ = make(keep_versions=1, keep=broken)
+    for i in range(3):
+        hub.commit(REPO, "main", adapter_files(i))
+        assert source.poll_now() is not None
+    assert len(snapshot_dirs(tmp_path / "cache")) == 3 and calls
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["with-chain", "without-chain"])
+def test_an_interrupted_download_leaves_nothing_behind(hub: FakeHub, make: Any, tmp_path: Path, keep: bool) -> None:
+    first = hub.commit(REPO, "main", adapter_files(1))
+    sink_box: list[Sink] = []
+    source, sink = make(**({"keep": lambda: chain_of(sink_box[0])()} if keep else {}))
+    sink_box.append(sink)
+    assert source.poll_now() is not None
+    cache = tmp_path / "cache"
+    before = sorted(p for p in cache.rglob("*"))
+
+    # The config arrives, the weights never do whole: the client retries 5 times, then gives up.
+    second = hub.commit(REPO, "main", wide_adapter_files(2, 20000))
+    hub.fail("truncate", times=6, method="GET", path=f"/resolve/{second}/{WEIGHTS_NAME}", fraction=0.3)
+    assert source.poll_now() is None and sink.polls[-1] == "error" and hub.pending_faults() == 0
+
+    assert snapshot_dirs(cache) == {first} and leftovers(cache, {first}) == []
+    assert sorted(p for p in cache.rglob("*")) == before  # not even an empty folder more
+    c = source.poll_now()
+    assert c is not None and c.fingerprint == second and files_in(c.path) == wide_adapter_files(2, 20000)
+
+
+def test_what_a_killed_download_left_is_collected_at_start_unless_it_is_in_flight(
+    hub: FakeHub, make: Any, tmp_path: Path
+) -> None:
+    import fcntl
+
+    sha = hub.commit(REPO, "main", adapter_files(1))
+    cache = tmp_path / "cache"
+    repo = cache / "models--acme--support-lora"
+    locks = cache / ".locks" / repo.name
+    for d in (repo / "blobs", repo / "snapshots" / ("f" * 40), repo / "trees", repo / "refs", locks):
+        d.mkdir(parents=True)
+    (repo / "blobs" / "dead.0123abcd.incomplete").write_bytes(b"x" * 5000)  # SIGKILLed mid-download
+    (repo / "blobs" / "orphan").write_bytes(b"y" * 3000)  # downloaded, never linked
+    (repo / "snapshots" / ("f" * 40) / CONFIG_NAME).symlink_to("../../blobs/orphan")
+    (repo / "trees" / ("f" * 40 + ".json")).write_text("{}")
+    (repo / "trees" / "tmpab12.tmp").write_text("")
+    (repo / "refs" / "main").write_text("f" * 40)
+    (locks / "dead.lock").touch()
+    (repo / "blobs" / "busy.89abcdef.incomplete").write_bytes(b"z" * 100)  # another process is downloading it
+    (locks / "busy.lock").touch()
+    held = os.open(locks / "busy.lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        source, sink = make(keep=lambda: [])  # nothing committed
+        hub.fail("500", path="/revision/")  # collected at start even when the Hub is down
+        assert source.poll_now() is None and sink.polls == ["error"]
+        left = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if not p.is_dir())
+        assert left == [
+            ".locks/models--acme--support-lora/busy.lock",
+            "models--acme--support-lora/blobs/busy.89abcdef.incomplete",
+        ]
+    finally:
+        os.close(held)
+    c = source.poll_now()
+    assert c is not None and c.fingerprint == sha
+    # The offer was not kept by the (empty) chain, so it went too; the released lock's partial file as well.
+    assert leftovers(cache, set()) == [] and snapshot_dirs(cache) == set()
+
+
+def test_out_of_space_while_downloading_backs_off_and_recovers(hub: FakeHub, make: Any) -> None:
+    with small_fs("1m") as fs:
+        cache = fs / "cache"
+        first = hub.commit(REPO, "main", adapter_files(1))
+        sink_box: list[Sink] = []
+        source, sink = make(poll_seconds=0.3, cache=cache, keep=lambda: chain_of(sink_box[0])())
+        sink_box.append(sink)
+        assert source.poll_now() is not None
+        big = wide_adapter_files(2, 16000)  # 256 KB of weights
+        second = hub.commit(REPO, "main", big)
+        filler = fill(fs, leave=128 * 1024)
+
+        assert source.poll_now() is None
+        status = source.status()
+        assert sink.polls[-1] == "error" and status["consecutive_failures"] == 1
+        assert "No space left on device" in status["last_error"], status["last_error"]
+        assert status["next_poll_in_s"] == pytest.approx(0.6, abs=0.1)  # backed off: 2x poll_seconds
+        assert snapshot_dirs(cache) == {first} and leftovers(cache, {first}) == []
+        assert files_in(sink.offers[0].path) == adapter_files(1)  # the live commit's files untouched
+
+        filler.unlink()
+        freed = time.monotonic()
+        source.start()  # the thread's next poll is the backed-off one
+        sink.wait(lambda: len(sink.offers) == 2)
+        recovered = time.monotonic() - freed
+        assert sink.offers[1].fingerprint == second and files_in(sink.offers[1].path) == big
+        assert sink.polls[-1] == "changed" and source.status()["consecutive_failures"] == 0
+        assert 0.3 <= recovered < 3.0, recovered  # waited out the backoff, no more
+        print(f"\nout of space -> space back -> live: {recovered:.2f}s (backoff 0.6s)")
+        source.stop()
