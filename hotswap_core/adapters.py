@@ -10,6 +10,10 @@ Two steps, so a swap can refuse a bad candidate before it touches tensor data:
 Every refusal is an ``AdapterRejected(reason, message)``. ``REASONS`` lists the reason codes; they are
 stable (they label ``hotswapd_adapter_validation_failures_total``). Nothing is ever unpickled unless
 ``validation.allow_pickle`` is set, and then only through ``torch.load(weights_only=True)``.
+
+With ``within`` (the directory source's watched folder), every file is opened through ``open_within``:
+one that resolves outside that folder is refused (``outside_watched_folder``), checked on the open
+file itself, so no symlink flipped between a check and the read can slip another file in.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, BinaryIO, Literal, NoReturn
 
 import torch
 from peft.utils.other import get_pattern_key
@@ -54,7 +58,7 @@ REASONS: dict[str, str] = {
     "missing_weights": "the adapter holds no weights, or a module has lora_A without lora_B (or the reverse)",
     "changed": "the files changed between inspection and loading",
     "unreadable": "a file exists but cannot be read (permissions, I/O error)",
-    "outside_watched_folder": "a symlink in the watched folder points outside it (never followed)",
+    "outside_watched_folder": "an entry of the watched folder, or a file in a version folder, resolves outside it",
     "empty_output": "a smoke prompt produced no text on the staged adapter",
 }
 
@@ -136,6 +140,7 @@ class AdapterSpec:
     weights_format: Literal["safetensors", "pickle"]
     config_stamp: FileStamp
     weights_stamp: FileStamp
+    within: Path | None = None  # every file read must resolve inside this folder (see ``open_within``)
 
     @property
     def scalings(self) -> dict[str, float]:
@@ -144,28 +149,38 @@ class AdapterSpec:
 
 
 def inspect_adapter(
-    path: str | os.PathLike[str], layout: Layout, validation: ValidationConfig, *, version: str | None = None
+    path: str | os.PathLike[str],
+    layout: Layout,
+    validation: ValidationConfig,
+    *,
+    version: str | None = None,
+    within: str | os.PathLike[str] | None = None,
 ) -> AdapterSpec:
     """Check an adapter folder against ``layout`` without reading its tensor data.
 
     Reads ``adapter_config.json`` and the safetensors header, and streams the weights once for the
     sha256. The folder is resolved first, so a ``current`` symlink yields its target; ``version``
-    defaults to the resolved folder's name. Raises ``AdapterRejected`` with a code from ``REASONS``.
+    defaults to the resolved folder's name. With ``within``, the folder and every file read must
+    resolve inside that folder (``open_within``); ``load_adapter`` keeps to it too.
+    Raises ``AdapterRejected`` with a code from ``REASONS``.
     """
+    root = Path(os.path.realpath(within)) if within is not None else None
     folder = _resolve_folder(Path(path))
+    if root is not None and not _inside(str(folder), root):
+        _reject("outside_watched_folder", path, f"resolves outside the watched folder {root} (to {folder})")
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         _reject("missing_file", config_path, "no such file")
     weights_path, weights_format = _find_weights(folder, validation)
-    config_bytes, config_stamp = _read_file(config_path, validation.max_header_bytes, "max_header_bytes")
+    config_bytes, config_stamp = _read_file(config_path, validation.max_header_bytes, "max_header_bytes", within=root)
     config = _parse_config(config_bytes, config_path)
     _check_base_model(config, layout, validation, config_path)
     if weights_format == "safetensors":
-        header = read_header(weights_path, validation, hash_prefix=config_bytes)
+        header = read_header(weights_path, validation, hash_prefix=config_bytes, opener=lambda p: open_within(p, root))
         entries, weights_stamp = header.entries, FileStamp.of(header.stat)
         sha, weights_sha = header.sha256, header.file_sha256
     else:
-        data, weights_stamp = _read_file(weights_path, validation.max_adapter_bytes, "max_adapter_bytes")
+        data, weights_stamp = _read_file(weights_path, validation.max_adapter_bytes, "max_adapter_bytes", within=root)
         sha, weights_sha = _sha256(config_bytes, data), _sha256(data)
         tensors = _unpickle(data, weights_path)
         entries = {
@@ -184,6 +199,7 @@ def inspect_adapter(
         weights_format=weights_format,
         config_stamp=config_stamp,
         weights_stamp=weights_stamp,
+        within=root,
     )
 
 
@@ -201,9 +217,11 @@ def load_adapter(
     With ``validation.check_finite`` every value is checked, before and after the cast to ``dtype``.
     The returned tensors own their memory (nothing aliases the read buffer).
     """
-    where = spec.weights_file
-    config_bytes, _ = _read_file(spec.path / CONFIG_NAME, validation.max_header_bytes, "max_header_bytes", "changed")
-    data, stamp = _read_file(where, validation.max_adapter_bytes, "max_adapter_bytes", "changed")
+    where, root = spec.weights_file, spec.within
+    config_bytes, _ = _read_file(
+        spec.path / CONFIG_NAME, validation.max_header_bytes, "max_header_bytes", "changed", within=root
+    )
+    data, stamp = _read_file(where, validation.max_adapter_bytes, "max_adapter_bytes", "changed", within=root)
     if stamp.size < spec.weights_stamp.size:
         _reject("truncated", where, f"{stamp.size} bytes now, {spec.weights_stamp.size} when inspected")
     if _sha256(config_bytes, data) != spec.sha256:
@@ -229,10 +247,15 @@ def load_adapter(
 
 
 def validate_adapter(
-    path: str | os.PathLike[str], layout: Layout, validation: ValidationConfig, *, version: str | None = None
+    path: str | os.PathLike[str],
+    layout: Layout,
+    validation: ValidationConfig,
+    *,
+    version: str | None = None,
+    within: str | os.PathLike[str] | None = None,
 ) -> AdapterSpec:
     """Full offline validation (inspect, then load and check every value); returns the spec."""
-    spec = inspect_adapter(path, layout, validation, version=version)
+    spec = inspect_adapter(path, layout, validation, version=version, within=within)
     load_adapter(spec, validation)
     return spec
 
@@ -271,10 +294,52 @@ def _find_weights(folder: Path, validation: ValidationConfig) -> tuple[Path, Lit
     return folder / PICKLE_WEIGHTS_NAME, "pickle"
 
 
-def _read_file(path: Path, limit: int, limit_name: str, missing: str = "missing_file") -> tuple[bytes, FileStamp]:
+def open_within(path: Path, within: Path | None) -> BinaryIO:
+    """``open(path, "rb")``, refusing (``outside_watched_folder``) a file that resolves outside the
+    folder ``within`` (a resolved path; None: no limit).
+
+    The check is on the file actually opened (its ``/proc/self/fd`` link, where there is one), not on
+    the path before opening: a symlink flipped after any earlier check cannot slip another file in.
+    Hard links are not symlinks: a hard link inside the folder is inside it.
+    """
+    f = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    if within is None:
+        return f
+    try:
+        real = _opened_path(f, path)
+    except BaseException:
+        f.close()
+        raise
+    if real is None or not _inside(real, within):
+        f.close()
+        where = f"to {real}" if real is not None else "it changed while being opened"
+        _reject("outside_watched_folder", path, f"resolves outside the watched folder {within} ({where})")
+    return f
+
+
+def _opened_path(f: BinaryIO, path: Path) -> str | None:
+    """Where the open file ``f`` really is; None if that cannot be told for certain."""
+    try:
+        return os.readlink(f"/proc/self/fd/{f.fileno()}").removesuffix(" (deleted)")
+    except OSError:  # no /proc: resolve the name, and accept it only if it names the very file opened
+        real = os.path.realpath(path)
+        try:
+            same = os.path.samestat(os.stat(real), os.fstat(f.fileno()))
+        except OSError:
+            return None
+        return real if same else None
+
+
+def _inside(real: str, root: Path) -> bool:
+    return real == str(root) or real.startswith(str(root).rstrip(os.sep) + os.sep)
+
+
+def _read_file(
+    path: Path, limit: int, limit_name: str, missing: str = "missing_file", *, within: Path | None = None
+) -> tuple[bytes, FileStamp]:
     """Read a whole file, refusing before reading when fstat says it is over ``limit``."""
     try:
-        with open(path, "rb") as f:
+        with open_within(path, within) as f:
             st = os.fstat(f.fileno())
             if st.st_size > limit:
                 _reject("too_large", path, f"{st.st_size} bytes exceed validation.{limit_name}={limit}")

@@ -13,11 +13,13 @@ collection drops its oldest entries, and the texts kept (messages, fingerprints)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import itertools
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -83,17 +85,38 @@ class Superseded:
     at: float
 
 
+_GONE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP}  # what pathlib's is_file() also reads as "no file"
+
+
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """Cheap content identity of an adapter folder: name, size and mtime of each file in it.
 
     Used to skip a rejected candidate until something in it changes, without hashing it again.
     """
-    p = Path(path)
+    return folder_stamp(path)[0]
+
+
+def folder_stamp(path: str | os.PathLike[str]) -> tuple[str, float]:
+    """(``fingerprint``, latest st_mtime/st_ctime of the entries directly in the folder), from one
+    listing and one ``stat`` per entry (a look at a folder of thousands of versions pays this per version).
+    Symlinks are followed, as ``open`` would. ``("unreadable", 0.0)`` if the folder cannot be listed."""
+    files: list[str] = []
+    latest = 0.0
     try:
-        entries = sorted(f"{e.name}:{e.stat().st_size}:{e.stat().st_mtime_ns}" for e in p.iterdir() if e.is_file())
-    except OSError:
-        return "unreadable"
-    return "|".join(entries)
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    st = entry.stat()
+                except OSError as exc:
+                    if exc.errno in _GONE:  # vanished since listed, or a dangling symlink: not a file
+                        continue
+                    raise
+                latest = max(latest, st.st_mtime, st.st_ctime)
+                if stat.S_ISREG(st.st_mode):
+                    files.append(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}")
+    except OSError:  # unreadable: look again later
+        return "unreadable", 0.0
+    return "|".join(sorted(files)), latest
 
 
 def _fingerprint_key(fp: str) -> str:
@@ -155,6 +178,7 @@ class History:
         # before it is not newer, so a restart does not undo an operator's swap or rollback.
         self.live_since: float | None = None
         self.persist_failures = 0
+        self.dirty = False  # the last save failed: what is in memory is not on disk yet (see retry_save)
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()
 
@@ -254,11 +278,18 @@ class History:
             try:
                 # No indent: json's C encoder only runs without one (5x faster on a full state).
                 atomic_write(self.state_dir / STATE_FILE, json.dumps(state).encode())
+                self.dirty = False
                 return True
             except OSError as exc:
+                self.dirty = True
                 self.persist_failures += 1
                 log.error("cannot persist state to %s (serving continues): %s", self.state_dir, exc)
                 return False
+
+    def retry_save(self) -> bool:
+        """Save again if the last save failed (else nothing is written): a state written only at the next
+        swap would stay stale for as long as nothing swaps. True when nothing is left unsaved."""
+        return self.save() if self.dirty else True
 
     def load(self) -> bool:
         """Restore the chain saved by a previous run. Returns False if there was none (or it was unreadable)."""
@@ -273,7 +304,9 @@ class History:
             live_since = state.get("live_since")
             found = sorted((Rejection(**r) for r in state.get("rejected", [])), key=lambda r: r.at)
             rejected = {
-                r.path: dataclasses.replace(r, fingerprint=_fingerprint_key(r.fingerprint), message=_cap(r.message))
+                r.path: dataclasses.replace(
+                    r, fingerprint=_fingerprint_key(r.fingerprint), message=_cap(r.message) or ""
+                )
                 for r in found[-MAX_REJECTED:]
             }
             superseded = [Superseded(**x) for x in state.get("superseded", [])]

@@ -16,9 +16,10 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, BinaryIO, NamedTuple, NoReturn
 
 from hotswap_core.config import ValidationConfig
 from hotswap_core.errors import AdapterRejected
@@ -49,16 +50,27 @@ class SafetensorsHeader:
     file_sha256: str
 
 
-def read_header(path: Path, validation: ValidationConfig, *, hash_prefix: bytes = b"") -> SafetensorsHeader:
+def _open_rb(path: Path) -> BinaryIO:
+    return open(path, "rb")
+
+
+def read_header(
+    path: Path,
+    validation: ValidationConfig,
+    *,
+    hash_prefix: bytes = b"",
+    opener: Callable[[Path], BinaryIO] = _open_rb,
+) -> SafetensorsHeader:
     """Check the header of the safetensors file at ``path`` and hash the file, in one pass over one open file.
 
     One pass, so the header and the hashes see the same bytes. The file must fit
     ``validation.max_adapter_bytes`` and its header ``validation.max_header_bytes``; the header is
-    checked with ``parse_header`` once the whole file has been read.
+    checked with ``parse_header`` once the whole file has been read. ``opener`` opens it (the
+    directory source's confines it to the watched folder).
     """
     combined, alone = hashlib.sha256(hash_prefix), hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with opener(path) as f:
             st = os.fstat(f.fileno())
             if st.st_size > validation.max_adapter_bytes:
                 limit = validation.max_adapter_bytes

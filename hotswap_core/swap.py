@@ -66,10 +66,13 @@ class Swapper:
         source: str = "directory",
         seen_at: float | None = None,
         expect_sha256: str | None = None,
+        within: str | Path | None = None,
     ) -> SwapRecord:
         """Validate the adapter folder at ``path`` and make it live. Never raises for a bad adapter:
         the returned record says ``rejected`` (with a reason code) or ``failed`` (with the phase).
-        ``expect_sha256`` (restoring a recorded version) rejects the folder as ``changed`` if it differs."""
+        ``expect_sha256`` (restoring a recorded version) rejects the folder as ``changed`` if it differs.
+        ``within``: every file read must resolve inside that folder, at the moment it is read
+        (``outside_watched_folder`` otherwise; the directory source's watched folder)."""
         path = str(path)
         with self._lock:
             started = time.time()
@@ -101,7 +104,7 @@ class Swapper:
 
             try:
                 with timer.phase("validate"):
-                    spec = inspect_adapter(path, self.engine.layout, self.validation, version=version)
+                    spec = inspect_adapter(path, self.engine.layout, self.validation, version=version, within=within)
                 if expect_sha256 is not None and spec.sha256 != expect_sha256:
                     raise AdapterRejected("changed", f"{path} no longer holds version {version} ({expect_sha256[:12]})")
                 if spec.sha256 == self.live.sha256:

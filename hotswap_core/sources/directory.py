@@ -2,12 +2,21 @@
 
 The folder holds one subfolder per version; dot-entries are ignored (producers stage there and
 ``rename()`` in). If it holds a ``current`` symlink (git-sync or Kubernetes ``..data`` style, flipped
-by renaming a new symlink over it), only its target is a candidate. Symlinks are resolved; one whose
-target is outside the folder is never offered. Nothing is ever written there.
+by renaming a new symlink over it), only its target is a candidate. Symlinks are resolved; an entry
+whose target is outside the folder is never offered (``on_refused``). Nothing is ever written there.
 
-Events are hints: one makes the source look (at most every ``settle_seconds / 2``); a periodic look
-every ``rescan_seconds`` catches lost ones. A folder's content is its ``history.fingerprint``; it has
-*settled* once two looks ``settle_seconds`` apart saw the same one.
+**Symlinks inside a version folder.** Every entry of a version folder must resolve inside the watched
+folder too, unless ``follow_symlinks`` is set: one that points outside (``adapter_model.safetensors ->
+/home/alice/private.safetensors``) makes the folder refused with ``outside_watched_folder``, naming the
+file and its target; its files are not read. Links that stay inside are fine. The swap keeps to the
+same rule when it reads (``Candidate.within``, checked on each file opened), so flipping a link after
+the check changes nothing.
+
+Events are hints: one makes the source look (at most every ``settle_seconds / 2``: the look is due
+``settle_seconds / 2`` after the previous one, or at once if that is past; later events never move it
+back); a periodic look every ``rescan_seconds`` catches lost ones. A folder's content is its
+``history.fingerprint``; it has *settled* once two looks ``settle_seconds`` apart saw the same one,
+and a look is due at that moment. Every wait is bounded: by the next settle, hold or rescan deadline.
 
 **Offering rule.** A settled folder is sorted, from headers and sizes only (sha256 only for a marker
 that carries one), into:
@@ -20,12 +29,25 @@ that carries one), into:
   (safetensors or any pickle) are not there yet; or the safetensors file is shorter than its header says.
 * *broken*: anything else (config not JSON, header malformed or with trailing bytes, pickle-only
   weights). Offered, so that the swap rejects it with a reason code and records it.
+* *outside*: an entry resolves outside the watched folder (above). Refused by the source itself.
 
-Per look the newest offerable folder wins (newest: content first seen last; ties, as among what the
-first look finds, go to the later ``max(st_mtime, st_ctime)``) and all older ones are passed over for
-good; while a newer folder is still settling, they all wait. A winner already offered, or refused by
-``skip``, is not offered, and older ones are still passed over: a live version that ``skip`` refuses
-never lets an older one become live at start-up.
+Per look the newest settled folder that is not *arriving* wins (newest: content first seen last;
+ties, as among what the first look finds, go to the later ``max(st_mtime, st_ctime)``), and all older
+settled ones are passed over for good: ``on_superseded(passed, winner)`` names those that landed
+after the source was made (not what the folder held before: that is history, not a lost race).
+
+**Liveness.** While a newer folder is still settling, the winner waits for it, but only until one
+more ``settle_seconds`` has passed: at most until ``seen_at + 2 * settle_seconds`` of the oldest
+folder waiting. Then the newest settled one is offered however fast later ones arrive, so every
+version is offered, or superseded by a newer one that is, within about ``2 * settle_seconds`` of its
+arrival (a version every 0.4 x settle once meant that none ever was).
+
+A winner already offered, or refused by ``skip``, is not offered, and older ones are still passed
+over: a live version that ``skip`` refuses never lets an older one become live at start-up.
+
+A look only ``stat``s (one listing and one ``stat`` per file of each version); what a folder holds is
+read once per fingerprint and cached. Looks run on the source's own thread and hold only the
+source's lock (``update_config`` does not wait for it), never one that serving needs.
 """
 
 from __future__ import annotations
@@ -40,19 +62,19 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from hotswap_core.adapters import _PICKLE_SUFFIXES, CONFIG_NAME, WEIGHTS_NAME
+from hotswap_core.adapters import _PICKLE_SUFFIXES, CONFIG_NAME, WEIGHTS_NAME, open_within
 from hotswap_core.config import DirectorySourceConfig, ValidationConfig
 from hotswap_core.errors import AdapterRejected
-from hotswap_core.history import fingerprint
+from hotswap_core.history import folder_stamp
 from hotswap_core.safetensors_header import parse_header
 from hotswap_core.sources import call_back
 
@@ -68,7 +90,8 @@ _DIGEST = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})\b")
 _EVENTS = {"created": "created", "modified": "modified", "attrib": "modified", "deleted": "deleted",
            "moved": "moved", "closed": None}  # fmt: skip
 EVENT_KINDS = ("created", "modified", "deleted", "moved", "rescan", "missing")  # what on_event reports
-State = Literal["complete", "arriving", "broken"]
+State = Literal["complete", "arriving", "broken", "outside"]
+OUTSIDE = "outside_watched_folder"  # the reason code of a refusal (hotswap_core.adapters.REASONS)
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,9 @@ class Candidate:
     # Unix time it landed: the latest st_mtime/st_ctime of the entry, its folder and the files in
     # it (rename and in-place writes both move ctime, which no producer can set back).
     landed_at: float = 0.0
+    # The resolved watched folder: every file the swap reads must resolve inside it. None when
+    # ``follow_symlinks`` is set.
+    within: Path | None = None
 
 
 @dataclass
@@ -90,6 +116,7 @@ class _Track:
     observed: float  # monotonic time of the first look that saw this fingerprint
     arrival: float  # max(st_mtime, st_ctime): the tie-break between folders first seen together
     logged: bool | None = False  # "looks unfinished" said once per content (None: "judged as it is" said)
+    existing: bool = False  # landed before the source was made: content, not an arrival (never "superseded")
 
     def newness(self) -> tuple[float, float, str]:
         return self.candidate.seen_at, self.arrival, self.candidate.version
@@ -100,6 +127,9 @@ class DirectorySource:
 
     ``skip(candidate)`` vetoes an offer (already live, rejected before with this content).
     ``on_event(kind)`` counts: created, modified, deleted, moved, rescan, missing.
+    ``on_refused((path, reason, message))``: an entry or version the source refuses itself
+    (``outside_watched_folder``). ``on_superseded(passed, winner)``: candidates passed over because
+    ``winner`` won the same look (once per look, before the winner is offered).
     """
 
     def __init__(
@@ -110,20 +140,26 @@ class DirectorySource:
         skip: Callable[[Candidate], bool] = lambda c: False,
         on_event: Callable[[str], None] | None = None,
         on_refused: Callable[[tuple[str, str, str]], None] | None = None,
+        on_superseded: Callable[[list[Candidate], Candidate], None] | None = None,
     ) -> None:
         self._config = config
+        self._pending: DirectorySourceConfig | None = None  # from update_config, applied by the next look
         self._on_refused = on_refused or (lambda refusal: None)  # (entry path, reason code, message)
+        self._on_superseded = on_superseded or (lambda passed, winner: None)
         self._on_candidate, self._skip, self._on_event = on_candidate, skip, on_event or (lambda kind: None)
         self._scan_lock = threading.RLock()  # one look (and its offer) at a time; guards what follows
         self._tracks: dict[Path, _Track] = {}
         self._done: set[tuple[Path, str]] = set()  # (path, fingerprint) offered or passed over
         self._states: dict[tuple[Path, str], tuple[State, str]] = {}
         self._escapes: set[tuple[str, str]] = set()
+        # Unix time the source was made: what landed before it is the folder's content, not an arrival.
+        self._since = time.time()
         self._last_offered: Path | None = None
+        self._hold_until: float | None = None  # a newer folder settling holds the winner back until then
         self._root_id: tuple[object, ...] | None = None  # () while the watched folder is missing
         self._observer: BaseObserver | None = None
         self._armed: tuple[object, ...] | None = None
-        self._lock = threading.Lock()  # the two event fields below, written by the observer thread
+        self._lock = threading.Lock()  # _pending and the two event fields below (observer thread, callers)
         self._last_scan = -math.inf  # so the first look is due at once
         self._first_event: float | None = None
         self._wake, self._stopping = threading.Event(), threading.Event()
@@ -147,12 +183,23 @@ class DirectorySource:
             self._disarm()
 
     def update_config(self, config: DirectorySourceConfig) -> None:
-        """Apply a reloaded config: timings at once; the observer is re-armed if path or polling changed."""
-        with self._scan_lock:
-            if config.marker != self._config.marker:
+        """Apply a reloaded config: timings at once; the observer is re-armed if path or polling changed.
+
+        Never waits for a look or a swap in progress (the daemon calls it from its event loop): the
+        source's thread (or ``rescan``) takes the new config before its next look."""
+        with self._lock:
+            self._pending = config
+        self._hint(None)
+
+    def _apply_config(self) -> DirectorySourceConfig:
+        """Under ``_scan_lock``: take a config from ``update_config``, if one came."""
+        with self._lock:
+            config, self._pending = self._pending, None
+        if config is not None:
+            if (config.marker, config.follow_symlinks) != (self._config.marker, self._config.follow_symlinks):
                 self._states.clear()
             self._config = config
-        self._hint(None)
+        return self._config
 
     def rescan(self) -> Candidate | None:
         """Look now, on the caller's thread; offer and return the candidate this look offered, if any."""
@@ -166,10 +213,13 @@ class DirectorySource:
     def complete(self) -> list[Candidate]:
         """Every *complete* candidate now, newest ``landed_at`` first (start-up picks from these)."""
         with self._scan_lock:
+            cfg = self._apply_config()
             found = []
-            for path, arrival in (self._entries(Path(self._config.path)) or {}).items():
-                c = Candidate(path, path.name, time.monotonic(), fingerprint(path), arrival)
-                if self._state(c)[0] == "complete":
+            entries, real_root = self._entries(Path(cfg.path))
+            within = None if cfg.follow_symlinks else real_root
+            for path, (fp, arrival) in (entries or {}).items():
+                c = Candidate(path, path.name, time.monotonic(), fp, arrival, within)
+                if fp != "unreadable" and self._state(c)[0] == "complete":
                     found.append(c)
             return sorted(found, key=lambda c: (c.landed_at, c.version), reverse=True)
 
@@ -195,21 +245,25 @@ class DirectorySource:
                 log.exception("looking at %s failed", self._config.path)
 
     def _next_due(self) -> float:
+        """When the next look is due: never later than the next rescan, and never moved later by events."""
         with self._scan_lock:
-            cfg, last = self._config, self._last_scan
-            # A folder first seen since the last look is looked at again once it may have settled.
+            cfg, last = self._apply_config(), self._last_scan
+            # A folder first seen since the last look is looked at again once it may have settled;
+            # a winner held back for a newer folder, once the hold is over.
             settling = [t.observed + cfg.settle_seconds for t in self._tracks.values()]
+            if self._hold_until is not None:
+                settling.append(self._hold_until)
             due = min([last + cfg.rescan_seconds, *(d for d in settling if d > last)])
             if self._armed is None:  # missing, or the observer could not start
                 due = min(due, last + min(cfg.rescan_seconds, _MISSING_CHECK_S))
         with self._lock:
-            if self._first_event is not None:
+            if self._first_event is not None:  # the first event since the last look: later ones add nothing
                 due = min(due, max(self._first_event, last + cfg.settle_seconds / 2))
         return due
 
     def _scan(self, *, periodic: bool) -> Candidate | None:
         with self._scan_lock:
-            cfg, now = self._config, time.monotonic()
+            cfg, now = self._apply_config(), time.monotonic()
             with self._lock:
                 seen_at = self._first_event if self._first_event is not None else now
                 self._first_event, self._last_scan = None, now
@@ -231,14 +285,18 @@ class DirectorySource:
                 self._arm(root, key)
             if periodic:
                 call_back(log, self._on_event, "rescan")
-            entries = self._entries(root)
+            entries, real_root = self._entries(root)
+            within = None if cfg.follow_symlinks else real_root
             tracks: dict[Path, _Track] = {}
-            for path, arrival in (entries or {}).items():
-                fp, old = fingerprint(path), self._tracks.get(path)
+            for path, (fp, arrival) in (entries or {}).items():
+                old = self._tracks.get(path)
                 if old is not None and old.candidate.fingerprint == fp:
+                    if old.candidate.within != within:  # follow_symlinks reloaded
+                        old.candidate = replace(old.candidate, within=within)
                     tracks[path] = old
                 elif fp != "unreadable":
-                    tracks[path] = _Track(Candidate(path, path.name, seen_at, fp, arrival), now, arrival)
+                    c = Candidate(path, path.name, seen_at, fp, arrival, within)
+                    tracks[path] = _Track(c, now, arrival, existing=arrival <= self._since)
             self._tracks = tracks
             keys = {(p, t.candidate.fingerprint) for p, t in tracks.items()}
             self._done &= keys
@@ -249,16 +307,18 @@ class DirectorySource:
             return self._offer(now)
 
     def _offer(self, now: float) -> Candidate | None:
-        ready: list[Candidate] = []
+        cfg = self._config
+        self._hold_until = None
+        ready: list[_Track] = []  # settled and not arriving, newest first
+        newer_settling = False  # a folder newer than every ready one is still settling
         for t in sorted(self._tracks.values(), key=_Track.newness, reverse=True):
             c = t.candidate
-            if now < t.observed + self._config.settle_seconds:  # the very sum _next_due waits for
-                if not ready:
-                    return None  # a newer folder is still settling: older ones wait for it
+            if now < t.observed + cfg.settle_seconds:  # the very sum _next_due waits for
+                newer_settling = newer_settling or not ready
                 continue
             state, why = self._state(c)
             if state != "arriving":
-                ready.append(c)
+                ready.append(t)
             elif now >= t.observed + self._stale_after() and not why.startswith(_NO_MARKER):
                 # Unchanged for a whole rescan period: not a copy in progress but a folder left
                 # incomplete (a producer that died, a truncated upload). Offered as it is, so that
@@ -267,15 +327,33 @@ class DirectorySource:
                     log.warning("%s has looked unfinished for %.0fs (%s); judging it as it is",
                                 c.path, now - t.observed, why)  # fmt: skip
                     t.logged = None
-                ready.append(c)
+                ready.append(t)
             elif t.logged is False:
                 log.info("%s has settled but looks unfinished (%s); waiting", c.path, why)
                 t.logged = True
-        if not ready:
+        waiting = [t for t in ready if (t.candidate.path, t.candidate.fingerprint) not in self._done]
+        if not waiting:
             return None
-        winner, fresh = ready[0], (ready[0].path, ready[0].fingerprint) not in self._done
-        self._done.update((c.path, c.fingerprint) for c in ready)
+        if newer_settling:
+            # A newer folder may make these moot, but it holds them back for one more settle at most
+            # (from the oldest one's arrival): else versions landing faster than they settle would
+            # keep every one of them waiting, and nothing would ever go live.
+            hold_until = min(t.candidate.seen_at for t in waiting) + 2 * cfg.settle_seconds
+            if now < hold_until:
+                self._hold_until = hold_until
+                return None
+        winner, fresh = ready[0].candidate, ready[0] in waiting
+        self._done.update((t.candidate.path, t.candidate.fingerprint) for t in ready)
+        passed = [t.candidate for t in waiting if t is not ready[0] and not t.existing]
+        if passed:
+            log.info("passing over %s for %s", ", ".join(c.version for c in passed), winner.version)
+            call_back(log, lambda args: self._on_superseded(*args), (passed, winner))
         if not fresh or call_back(log, self._skip, winner):
+            return None
+        state, why = self._state(winner)
+        if state == "outside":
+            log.warning("%s", why)
+            call_back(log, self._on_refused, (str(winner.path), OUTSIDE, why))
             return None
         log.info("offering %s (%s)", winner.version, winner.path)
         self._last_offered = winner.path
@@ -285,45 +363,55 @@ class DirectorySource:
     def _stale_after(self) -> float:
         return max(self._config.settle_seconds, self._config.rescan_seconds)
 
-    def _entries(self, root: Path) -> dict[Path, float] | None:
-        """Resolved candidate folders -> arrival time, or None when the watched folder is missing."""
+    def _entries(self, root: Path) -> tuple[dict[Path, tuple[str, float]] | None, Path | None]:
+        """(resolved candidate folder -> (fingerprint, arrival time), the resolved watched folder);
+        (None, None) when the watched folder is missing. One listing, and per version one ``lstat``
+        and ``history.folder_stamp``: a symlink is the only entry that needs resolving."""
         try:
-            names = os.listdir(root)
             real_root = root.resolve(strict=True)
+            with os.scandir(root) as it:
+                listed = list(it)
         except (FileNotFoundError, NotADirectoryError):
-            return None
+            return None, None
         except OSError as exc:
             log.warning("cannot list %s: %s", root, exc)
-            return {}
+            return {}, None
         if (root / CURRENT_NAME).is_symlink():
-            names = [CURRENT_NAME]
-        found: dict[Path, float] = {}
+            listed = [e for e in listed if e.name == CURRENT_NAME]
+        found: dict[Path, tuple[str, float]] = {}
         escapes: set[tuple[str, str]] = set()
-        for name in names:
-            entry = root / name
+        for entry in listed:
+            name = entry.name
             if name.startswith(".") and name != CURRENT_NAME:
                 continue
             try:
-                path = entry.resolve(strict=True)
-                st_entry, st_path = entry.lstat(), path.stat()
+                st_entry = entry.stat(follow_symlinks=False)
+                if entry.is_symlink():
+                    path = Path(entry.path).resolve(strict=True)
+                    st_path = path.stat()
+                elif entry.is_dir(follow_symlinks=False):
+                    path, st_path = real_root / name, st_entry
+                else:
+                    continue
             except (OSError, RuntimeError):  # vanished, dangling or looping symlink
                 continue
             if real_root not in path.parents:
                 escapes.add((name, str(path)))
                 if (name, str(path)) not in self._escapes:
-                    message = f"{entry} points outside the watched folder (to {path}); it will never be offered"
+                    message = f"{entry.path} points outside the watched folder (to {path}); it will never be offered"
                     log.warning("%s", message)
-                    call_back(log, self._on_refused, (str(entry), "outside_watched_folder", message))
+                    call_back(log, self._on_refused, (entry.path, OUTSIDE, message))
             elif path.is_dir():
-                found[path] = max(st_entry.st_mtime, st_entry.st_ctime, _landed_at(path, st_path))
+                fp, latest = folder_stamp(path)
+                found[path] = fp, max(st_entry.st_mtime, st_entry.st_ctime, st_path.st_mtime, st_path.st_ctime, latest)
         self._escapes = escapes
-        return found
+        return found, real_root
 
     def _state(self, c: Candidate) -> tuple[State, str]:
         key = (c.path, c.fingerprint)
         if key not in self._states:
             try:
-                self._states[key] = _classify(c.path, self._config.marker)
+                self._states[key] = _classify(c.path, self._config.marker, c.within)
             except OSError as exc:  # vanished or unreadable: not cached, the next look tries again
                 return "arriving", str(exc)
         return self._states[key]
@@ -368,8 +456,36 @@ class _Hints(FileSystemEventHandler):
             self._hint(_EVENTS[event.event_type])
 
 
-def _classify(folder: Path, marker: str | None) -> tuple[State, str]:
-    """complete / arriving / broken (see the module docstring), and why. OSError: look again later."""
+def _classify(folder: Path, marker: str | None, within: Path | None) -> tuple[State, str]:
+    """complete / arriving / broken / outside (see the module docstring), and why. OSError: look again later."""
+    if within is not None:
+        escape = _escaping_entry(folder, within)
+        if escape is not None:
+            return "outside", escape
+    try:
+        return _classify_files(folder, marker, lambda p: open_within(p, within))
+    except AdapterRejected as exc:  # a link flipped to point outside since the check above
+        if exc.reason != OUTSIDE:
+            raise
+        return "outside", f"{exc.message}; set source.directory.follow_symlinks: true to allow it"
+
+
+def _escaping_entry(folder: Path, within: Path) -> str | None:
+    """Why ``folder`` is refused if an entry in it resolves outside ``within``, else None."""
+    with os.scandir(folder) as it:
+        for entry in it:
+            if not entry.is_symlink():
+                continue  # a plain entry of a folder inside ``within`` is inside it
+            target = os.path.realpath(entry.path)
+            if not (target == str(within) or target.startswith(str(within) + os.sep)):
+                return (
+                    f"{entry.path} points outside the watched folder (to {target}); the version is refused "
+                    "(set source.directory.follow_symlinks: true to allow it)"
+                )
+    return None
+
+
+def _classify_files(folder: Path, marker: str | None, opener: Callable[[Path], BinaryIO]) -> tuple[State, str]:
     weights = folder / WEIGHTS_NAME
     if marker and not (folder / marker).is_file():
         return "arriving", f"{_NO_MARKER} {marker}"
@@ -378,15 +494,16 @@ def _classify(folder: Path, marker: str | None) -> tuple[State, str]:
         return "arriving", f"no {WEIGHTS_NAME} yet"
     if not (folder / CONFIG_NAME).is_file():
         return "arriving", f"no {CONFIG_NAME} yet"
-    weights_state, why = _check_weights(weights) if weights.is_file() else ("broken", "pickle weights only")
+    weights_state, why = _check_weights(weights, opener) if weights.is_file() else ("broken", "pickle weights only")
     if weights_state == "arriving":
         return "arriving", why
     if marker and weights_state == "complete":
-        expected = _DIGEST.match((folder / marker).read_bytes()[:200].decode("ascii", "replace").strip())
-        if expected and expected.group(1).lower() != _sha256(weights):
+        with opener(folder / marker) as f:
+            expected = _DIGEST.match(f.read(200).decode("ascii", "replace").strip())
+        if expected and expected.group(1).lower() != _sha256(weights, opener):
             return "arriving", f"{WEIGHTS_NAME} does not match the sha256 in {marker} yet"
     try:
-        with open(folder / CONFIG_NAME, "rb") as f:
+        with opener(folder / CONFIG_NAME) as f:
             config = json.loads(f.read(_MAX_HEADER + 1))
     except (ValueError, RecursionError) as exc:
         return "broken", f"{CONFIG_NAME}: {exc}"
@@ -395,9 +512,9 @@ def _classify(folder: Path, marker: str | None) -> tuple[State, str]:
     return weights_state, why
 
 
-def _check_weights(path: Path) -> tuple[State, str]:
+def _check_weights(path: Path, opener: Callable[[Path], BinaryIO]) -> tuple[State, str]:
     """Read only the safetensors header: shorter than it says is still arriving, otherwise wrong is broken."""
-    with open(path, "rb") as f:
+    with opener(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             return "arriving", f"{path.name} has {size} bytes"
@@ -414,25 +531,9 @@ def _check_weights(path: Path) -> tuple[State, str]:
     return "complete", ""
 
 
-def _landed_at(folder: Path, st: os.stat_result) -> float:
-    """Latest mtime/ctime of ``folder`` and the files directly in it."""
-    latest = max(st.st_mtime, st.st_ctime)
-    try:
-        with os.scandir(folder) as it:
-            for entry in it:
-                try:
-                    s = entry.stat()
-                except OSError:
-                    continue
-                latest = max(latest, s.st_mtime, s.st_ctime)
-    except OSError:
-        pass
-    return latest
-
-
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, opener: Callable[[Path], BinaryIO]) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with opener(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

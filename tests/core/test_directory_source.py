@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -46,11 +47,23 @@ class Recorder:
     def __init__(self) -> None:
         self.offers: list[tuple[Candidate, float]] = []
         self.events: list[str] = []
+        self.superseded: list[tuple[str, str]] = []  # (version passed over, winner's version)
+        self.refused: list[tuple[str, str, str]] = []  # (path, reason, message)
         self._cond = threading.Condition()
 
     def offer(self, c: Candidate) -> None:
         with self._cond:
             self.offers.append((c, time.monotonic()))
+            self._cond.notify_all()
+
+    def supersede(self, passed: list[Candidate], winner: Candidate) -> None:
+        with self._cond:
+            self.superseded += [(c.version, winner.version) for c in passed]
+            self._cond.notify_all()
+
+    def refuse(self, refusal: tuple[str, str, str]) -> None:
+        with self._cond:
+            self.refused.append(refusal)
             self._cond.notify_all()
 
     def event(self, kind: str) -> None:
@@ -92,7 +105,9 @@ def make_source(root: Path, rec: Recorder) -> Iterator[Callable[..., DirectorySo
         **cfg: object,
     ) -> DirectorySource:
         config = DirectorySourceConfig(**{"path": str(root), "settle_seconds": SETTLE, "rescan_seconds": 30.0, **cfg})  # type: ignore[arg-type]
-        src = DirectorySource(config, on_candidate, skip=skip, on_event=on_event)
+        src = DirectorySource(
+            config, on_candidate, skip=skip, on_event=on_event, on_refused=rec.refuse, on_superseded=rec.supersede
+        )
         sources.append(src)
         if start:
             src.start()
@@ -404,3 +419,112 @@ def test_the_watched_folder_is_never_written(root: Path, tmp_path: Path, rec: Re
     assert rec.wait_for(lambda: rec.events.count("rescan") >= 4)
     src.stop()
     assert _snapshot(root) == before
+
+
+# ---- liveness under sustained arrivals ------------------------------------------------------------
+LIVE_SETTLE = 0.5  # the demo's settle_seconds
+# On top of the rule's 2 x settle: thread wake-ups, a look's own time and a loaded, shared 2-core machine.
+LAG_TOLERANCE = 0.3
+STREAM_SECONDS = 6.0
+
+
+def _produce(root: Path, interval: float, seconds: float) -> list[tuple[str, float]]:
+    """A producer renaming a new version in every ``interval`` s for ``seconds``: [(version, rename time)]."""
+    arrivals: list[tuple[str, float]] = []
+    tick, end = time.monotonic(), time.monotonic() + seconds
+    while tick < end:
+        name = f"v{len(arrivals):04d}"
+        staging = write_adapter(root / f".tmp-{name}", seed=len(arrivals))
+        os.rename(staging, root / name)
+        arrivals.append((name, time.monotonic()))
+        tick += interval
+        time.sleep(max(0.0, tick - time.monotonic()))  # the producer's pace, not a wait for the source
+    return arrivals
+
+
+def _lags(arrivals: list[tuple[str, float]], offers: list[tuple[Candidate, float]]) -> list[float]:
+    """For each arrival, the time until it or a newer version was offered (inf: never)."""
+    lags = []
+    for name, at in arrivals:
+        later = [t for c, t in offers if c.version >= name]
+        lags.append(min(later) - at if later else math.inf)
+    return lags
+
+
+@pytest.mark.parametrize("every", [0.8, 0.4], ids=["every-0.8-settle", "every-0.4-settle"])
+def test_sustained_arrivals_keep_going_live(root: Path, rec: Recorder, make_source, every: float) -> None:
+    # Versions arrive faster than they settle: each is still settling when the next lands. The newest
+    # settled one must go live within 2 x settle of its arrival anyway (before the fix: none went live).
+    root.mkdir()
+    make_source(settle_seconds=LIVE_SETTLE)
+    arrivals = _produce(root, every * LIVE_SETTLE, STREAM_SECONDS)
+    last = arrivals[-1][0]
+    assert rec.wait_for(lambda: last in rec.versions(), timeout=2 * LIVE_SETTLE + 5), (rec.versions(), arrivals)
+    offered = rec.versions()
+    assert offered == sorted(offered) and len(set(offered)) == len(offered)  # advancing, never back
+    during = [c for c, t in rec.offers if t <= arrivals[-1][1]]
+    assert len(during) >= STREAM_SECONDS / (2 * LIVE_SETTLE + LAG_TOLERANCE) - 1, offered  # while they keep coming
+    lags = _lags(arrivals, rec.offers)
+    bound = 2 * LIVE_SETTLE + LAG_TOLERANCE
+    stale = [(name, round(lag, 3)) for (name, _), lag in zip(arrivals, lags, strict=True) if lag > bound]
+    assert not stale, f"newer than the offered version for longer than {bound:g}s: {stale}; offered {offered}"
+    passed = {v for v, _ in rec.superseded}
+    assert passed == {name for name, _ in arrivals} - set(offered)  # every other one was superseded
+    print(
+        f"arrivals every {every:g} x settle: {len(arrivals)} arrived, {len(offered)} offered, lag (arrival -> it or a "
+        f"newer one offered) p50 {sorted(lags)[len(lags) // 2]:.3f}s max {max(lags):.3f}s"
+    )
+
+
+def test_a_steady_stream_of_events_does_not_postpone_looks(root: Path, rec: Recorder, make_source) -> None:
+    # Writes in a staging folder every 10 ms: each event asks for a look; none may push the next look back.
+    root.mkdir()
+    (root / ".scratch").mkdir()
+    make_source(settle_seconds=LIVE_SETTLE)
+    stop = threading.Event()
+
+    def noise() -> None:
+        n = 0
+        while not stop.wait(0.01):
+            (root / ".scratch" / "log").write_text(str(n))
+            n += 1
+
+    writer = threading.Thread(target=noise)
+    writer.start()
+    try:
+        assert rec.quiet(0)
+        staging = write_adapter(root / ".tmp-v1")
+        t0 = time.monotonic()
+        os.rename(staging, root / "v1")
+        assert rec.wait_for(lambda: rec.offers, timeout=10)
+        lag = rec.offers[0][1] - t0
+    finally:
+        stop.set()
+        writer.join()
+    # A look within settle/2 of the rename, settled one settle later.
+    assert LIVE_SETTLE <= lag <= 1.5 * LIVE_SETTLE + LAG_TOLERANCE, lag
+
+
+def test_two_arrivals_in_one_look_record_the_older_as_superseded(root: Path, rec: Recorder, make_source) -> None:
+    root.mkdir()
+    src = make_source(start=False)
+    os.rename(write_adapter(root / ".a", seed=1), root / "v2")
+    time.sleep(0.02)  # coarser than the kernel's timestamp granularity
+    os.rename(write_adapter(root / ".b", seed=2), root / "v3")
+    assert src.rescan() is None  # seen, settling
+    time.sleep(SETTLE)
+    offered = src.rescan()
+    assert offered is not None and offered.version == "v3"
+    assert rec.superseded == [("v2", "v3")]
+    assert src.rescan() is None
+    assert rec.superseded == [("v2", "v3")]  # once
+
+
+def test_existing_folders_passed_over_at_start_are_not_superseded(root: Path, rec: Recorder, make_source) -> None:
+    write_adapter(root / "v1", seed=1)
+    time.sleep(0.02)
+    write_adapter(root / "v2", seed=2)
+    make_source()
+    assert rec.wait_for(lambda: rec.offers)
+    assert rec.quiet(1)
+    assert rec.versions() == ["v2"] and rec.superseded == []  # history, not arrivals that lost
