@@ -284,8 +284,8 @@ def _demo_ready(assets: DemoAssets) -> Callable[[Daemon], None]:
         print(f"  export HOTSWAPD_SOCKET={sock}   # for hotswapd status / generate / swap / rollback")
         print(f"  curl -s --unix-socket {sock} http://localhost/v1/completions -d '{body}'")
         print(f"  cp -r {other} {watched}/.incoming && mv {watched}/.incoming {watched}/{other.name}-$(date +%s)")
-        print("  hotswapd status")
-        print(f"  curl -s {daemon.metrics_url or '(metrics disabled)'} | grep '^hotswapd_swap'\n")
+        print(f"  curl -s {daemon.metrics_url or '(metrics disabled)'} | grep '^hotswapd_swap'")
+        print("  hotswapd status\n")
         print("Ctrl-C stops it.", flush=True)
         show(daemon)
         daemon.swapper.listeners.append(
