@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,11 +77,14 @@ def drop_adapter(src: Path, watched: Path, name: str) -> Path:
 
 
 class DaemonProcess:
-    def __init__(self, config: Path, sock: Path, log: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, config: Path, sock: Path, log: Path, env: dict[str, str], argv: Sequence[str] | None = None
+    ) -> None:
+        """``argv``: the command to run instead of ``python -m hotswapd.cli run --config CONFIG``."""
         self.config, self.sock, self.log_path = config, sock, log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hotswapd.cli", "run", "--config", str(config)],
+            list(argv) if argv is not None else [sys.executable, "-m", "hotswapd.cli", "run", "--config", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
