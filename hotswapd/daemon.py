@@ -37,6 +37,7 @@ from hotswapd.unix_socket import bind_unix_socket
 log = logging.getLogger("hotswapd.daemon")
 T = TypeVar("T")
 _WARMUP_STEP_TIMEOUT_S = 300.0  # EXTEND_TIMEOUT_USEC per warm-up step: room for one cold compile
+_STATE_RETRY_S = (1.0, 60.0)  # a failed state write is retried after 1 s, backing off to once a minute
 
 
 class DaemonError(HotswapError):
@@ -86,6 +87,7 @@ class Daemon:
         sock = self._bind()
         metrics_server = self._start_metrics()
         watchdog = asyncio.ensure_future(self._watchdog()) if self.notifier.watchdog_interval else None
+        state_retry = asyncio.ensure_future(self._retry_state_writes())
         try:
             await self._start(sock)
             if self._stop.is_set():
@@ -105,6 +107,7 @@ class Daemon:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+            state_retry.cancel()
             if self.server is not None:
                 await self.server.close()
             if metrics_server is not None:
@@ -122,6 +125,15 @@ class Daemon:
             return bind_unix_socket(self.config.server.socket, self.config.server.socket_mode)
         except OSError as exc:
             raise DaemonError(f"cannot listen on {self.config.server.socket}: {exc.strerror or exc}") from exc
+
+    async def _retry_state_writes(self) -> None:
+        """Retry a failed write of state.json (a full or read-only state_dir) until one succeeds, backing off,
+        rather than only at the next swap: once space is back, the state on disk catches up within a minute."""
+        delay = _STATE_RETRY_S[0]
+        while True:
+            await asyncio.sleep(delay)
+            saved = not self.history.dirty or await asyncio.to_thread(self.history.retry_save)
+            delay = _STATE_RETRY_S[0] if saved else min(2 * delay, _STATE_RETRY_S[1])
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 every WATCHDOG_USEC/2, sent from the event loop (so it proves the loop turns) and
@@ -337,6 +349,7 @@ class Daemon:
                 skip=self._skip,
                 on_event=self._on_source_event,
                 on_poll=lambda result: self.metrics.hub_polls.labels(result).inc(),
+                keep=lambda: [v.version for v in list(self.history.chain)],  # the rest of the cache is deleted
             )
             self.metrics.watch_source("hub", HUB_EVENT_KINDS)
             self.source.start()

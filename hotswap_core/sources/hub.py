@@ -287,7 +287,7 @@ class HubSource:
                 log.exception("collecting old downloads of %s in %s failed", repo, self._cache_dir)
                 continue
             if done.files or done.snapshots:
-                log.info("deleted %d snapshots and %d files of %s (%.1f MB) from %s; kept %s",
+                log.info("deleted %d snapshots and %d files of %s (%.2f MB) from %s; kept %s",
                          done.snapshots, done.files, repo, done.bytes / 1e6, self._cache_dir,
                          ", ".join(s[:12] for s in sorted(keep)) or "nothing")  # fmt: skip
 
