@@ -617,3 +617,44 @@ def test_out_of_space_while_downloading_backs_off_and_recovers(hub: FakeHub, mak
         assert 0.3 <= recovered < 3.0, recovered  # waited out the backoff, no more
         print(f"\nout of space -> space back -> live: {recovered:.2f}s (backoff 0.6s)")
         source.stop()
+
+
+def test_a_shared_cache_loses_nothing_but_this_repos_old_downloads(
+    hub: FakeHub, make: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(shared))
+    # Another tool's downloads in the same cache: another model (snapshot, blob, ref, listing, lock), a dataset.
+    other = shared / "models--other--model"
+    for d in (other / "blobs", other / "snapshots" / ("a" * 40), other / "refs", other / "trees"):
+        d.mkdir(parents=True)
+    (other / "blobs" / "b1").write_bytes(b"other weights")
+    (other / "blobs" / "b2.0123abcd.incomplete").write_bytes(b"half")
+    (other / "snapshots" / ("a" * 40) / "model.safetensors").symlink_to("../../blobs/b1")
+    (other / "refs" / "main").write_text("a" * 40)
+    (other / "trees" / ("a" * 40 + ".json")).write_text("{}")
+    (shared / ".locks" / other.name).mkdir(parents=True)
+    (shared / ".locks" / other.name / "b2.lock").touch()
+    (shared / "datasets--other--data" / "blobs").mkdir(parents=True)
+    (shared / "datasets--other--data" / "blobs" / "d1").write_bytes(b"rows")
+
+    def listing() -> dict[str, bytes | str]:
+        found: dict[str, bytes | str] = {}
+        for p in sorted(shared.rglob("*")):
+            if "support-lora" in str(p) or p == shared / "CACHEDIR.TAG":
+                continue
+            found[str(p.relative_to(shared))] = (
+                os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else ""
+            )
+        return found
+
+    before = listing()
+    sink_box: list[Sink] = []
+    source, sink = make(keep_versions=1, cache=hub_cache_dir(tmp_path / "state"), keep=lambda: chain_of(sink_box[0])())
+    sink_box.append(sink)
+    for i in range(4):
+        hub.commit(REPO, "main", adapter_files(i))
+        assert source.poll_now() is not None
+    assert snapshot_dirs(shared) == {sink.offers[-1].fingerprint}  # this repo: collected
+    assert listing() == before  # everything else: untouched
+    assert not (tmp_path / "state").exists()
