@@ -163,6 +163,13 @@ def _status(client: Client, as_json: bool) -> int:
         print("  rejected candidates (not retried until their content changes):")
         for r in adapters["rejected"][:10]:
             print(f"    {r['path']}: {r['reason']}: {r['message']}")
+    superseded = adapters.get("superseded") or []  # an older daemon has no such list
+    if superseded:
+        print(f"  superseded (a newer version won the same look; {len(superseded)} most recent):")
+        for s in superseded[:5]:
+            print(f"    {_when(s['at'])}  {s['version']:<20} by {s['by']}")
+        if len(superseded) > 5:
+            print(f"    ... and {len(superseded) - 5} more (GET /v1/adapters)")
     return EXIT_OK
 
 

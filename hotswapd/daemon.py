@@ -306,7 +306,7 @@ class Daemon:
             return record.result in ("success", "unchanged")
 
         for c in newer:
-            if ok(swapper.swap(c.path, version=c.version, source="directory")):
+            if ok(swapper.swap(c.path, version=c.version, source="directory", within=c.within)):
                 return
         if restored and since is not None:
             if last.is_base:
@@ -316,7 +316,7 @@ class Daemon:
                 return
             log.warning("the last committed version %s cannot be restored; falling back", last.version)
         for c in older:
-            if ok(swapper.swap(c.path, version=c.version, source="directory")):
+            if ok(swapper.swap(c.path, version=c.version, source="directory", within=c.within)):
                 return
         initial = self.config.adapter.initial
         if initial and ok(swapper.swap(initial, source="initial")):
@@ -332,6 +332,7 @@ class Daemon:
                 skip=self._skip,
                 on_event=self._on_source_event,
                 on_refused=self._on_refused,
+                on_superseded=self._on_superseded,
             )
         return self.source
 
@@ -366,7 +367,8 @@ class Daemon:
 
     def _on_candidate(self, c: Candidate) -> None:
         assert self.swapper is not None
-        self.swapper.swap(c.path, version=c.version, source=self.config.source.kind, seen_at=c.seen_at)
+        # within: the directory source's watched folder, kept to as each file is read (None for the Hub).
+        self.swapper.swap(c.path, version=c.version, source=self.config.source.kind, seen_at=c.seen_at, within=c.within)
 
     def _on_refused(self, refusal: tuple[str, str, str]) -> None:
         """The source refused an entry before any swap (a symlink escaping the watched folder)."""
@@ -374,6 +376,10 @@ class Daemon:
         self.history.reject(path, fingerprint(path), reason, message)
         self.metrics.validation_failures.labels(reason).inc()
         self.metrics.swaps.labels("rejected").inc()
+
+    def _on_superseded(self, passed: list[Candidate], winner: Candidate) -> None:
+        """The directory source passed these over for ``winner`` in one look: listed, not a swap or a rejection."""
+        self.history.supersede([(str(c.path), c.version) for c in passed], by=winner.version)
 
     def _on_source_event(self, kind: str) -> None:
         self.metrics.source_events.labels(self.config.source.kind, kind).inc()
@@ -393,6 +399,7 @@ class Daemon:
             "rescan_seconds": d.rescan_seconds,
             "polling": d.polling,
             "marker": d.marker,
+            "follow_symlinks": d.follow_symlinks,
         }
 
     def _on_swap(self, result: str, record: SwapRecord) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from hotswap_core.generation import GenerationResult, SamplingParams
-from hotswap_core.history import SwapRecord
+from hotswap_core.history import Superseded, SwapRecord
 from hotswap_core.slots import AdapterVersion
 
 MAX_STOP = 4  # as OpenAI
@@ -282,6 +282,11 @@ def record_json(r: SwapRecord) -> dict[str, Any]:
     stall = body.pop("stall_s")
     body["stall_us"] = None if stall is None else round(stall * 1e6, 1)
     return body
+
+
+def superseded_json(s: Superseded) -> dict[str, Any]:
+    """A candidate passed over for a newer one in the same look, as ``/v1/adapters`` lists it."""
+    return {"path": s.path, "version": s.version, "by": s.by, "at": s.at}
 
 
 def adapter_header(v: AdapterVersion) -> str:

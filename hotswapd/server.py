@@ -180,6 +180,7 @@ class Server:
                 {"path": r.path, "reason": r.reason, "message": r.message, "at": r.at}
                 for r in history.rejections()[:50]
             ],
+            "superseded": [protocol.superseded_json(x) for x in history.supersessions()[:50]],
             "source": self.describe_source(),
             "recompilations": self.engine.recompilations,
         }

@@ -58,6 +58,7 @@ import logging
 import math
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -152,6 +153,8 @@ class DirectorySource:
         self._done: set[tuple[Path, str]] = set()  # (path, fingerprint) offered or passed over
         self._states: dict[tuple[Path, str], tuple[State, str]] = {}
         self._escapes: set[tuple[str, str]] = set()
+        self._paths: dict[str, Path] = {}  # name -> resolved folder, from the last look of _paths_root
+        self._paths_root: Path | None = None
         # Unix time the source was made: what landed before it is the folder's content, not an arrival.
         self._since = time.time()
         self._last_offered: Path | None = None
@@ -380,6 +383,10 @@ class DirectorySource:
             listed = [e for e in listed if e.name == CURRENT_NAME]
         found: dict[Path, tuple[str, float]] = {}
         escapes: set[tuple[str, str]] = set()
+        # The Path objects of the last look, reused: thousands of new ones per look are garbage the
+        # collector has to walk (in a process that holds torch, its full passes are long).
+        paths = self._paths if self._paths_root == real_root else {}
+        self._paths, self._paths_root = {}, real_root
         for entry in listed:
             name = entry.name
             if name.startswith(".") and name != CURRENT_NAME:
@@ -389,21 +396,24 @@ class DirectorySource:
                 if entry.is_symlink():
                     path = Path(entry.path).resolve(strict=True)
                     st_path = path.stat()
-                elif entry.is_dir(follow_symlinks=False):
-                    path, st_path = real_root / name, st_entry
+                    if real_root not in path.parents:
+                        escapes.add((name, str(path)))
+                        if (name, str(path)) not in self._escapes:
+                            message = f"{entry.path} points outside the watched folder (to {path}); never offered"
+                            log.warning("%s", message)
+                            call_back(log, self._on_refused, (entry.path, OUTSIDE, message))
+                        continue
+                    if not stat.S_ISDIR(st_path.st_mode):
+                        continue
+                elif entry.is_dir(follow_symlinks=False):  # inside by construction: nothing to resolve
+                    path = self._paths[name] = paths.get(name) or real_root / name
+                    st_path = st_entry
                 else:
                     continue
             except (OSError, RuntimeError):  # vanished, dangling or looping symlink
                 continue
-            if real_root not in path.parents:
-                escapes.add((name, str(path)))
-                if (name, str(path)) not in self._escapes:
-                    message = f"{entry.path} points outside the watched folder (to {path}); it will never be offered"
-                    log.warning("%s", message)
-                    call_back(log, self._on_refused, (entry.path, OUTSIDE, message))
-            elif path.is_dir():
-                fp, latest = folder_stamp(path)
-                found[path] = fp, max(st_entry.st_mtime, st_entry.st_ctime, st_path.st_mtime, st_path.st_ctime, latest)
+            fp, latest = folder_stamp(path)
+            found[path] = fp, max(st_entry.st_mtime, st_entry.st_ctime, st_path.st_mtime, st_path.st_ctime, latest)
         self._escapes = escapes
         return found, real_root
 
