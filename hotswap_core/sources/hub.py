@@ -44,7 +44,7 @@ from hotswap_core.config import HubSourceConfig
 from hotswap_core.errors import HotswapError, SourceError
 from hotswap_core.sources import call_back
 from hotswap_core.sources.directory import Candidate
-from hotswap_core.sources.hub_cache import collect, snapshot_shas
+from hotswap_core.sources.hub_cache import collect, kept_commits, snapshot_shas
 
 log = logging.getLogger("hotswapd.source.hub")
 
@@ -297,20 +297,7 @@ class HubSource:
         if self._keep is None:
             return None
         chain = call_back(log, _versions, self._keep)
-        if chain is None:
-            return None
-        newest: list[str] = []
-        for version in reversed(chain):
-            repo, at, sha = version.rpartition("@")
-            if at and repo and sha and version not in newest:
-                newest.append(version)
-            if len(newest) >= config.keep_versions:
-                break
-        kept: dict[str, set[str]] = {}
-        for version in newest:
-            repo, _, sha = version.rpartition("@")
-            kept.setdefault(repo, set()).add(sha)
-        return kept
+        return None if chain is None else kept_commits(chain, config.keep_versions)
 
     def _failed(self, config: HubSourceConfig, exc: Exception) -> str:
         limited, retry_after = _rate_limit(exc)

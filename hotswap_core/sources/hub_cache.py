@@ -54,6 +54,23 @@ def snapshot_shas(cache_dir: str | os.PathLike[str], repo_id: str) -> set[str]:
     return {p.name for p in _entries(repo_folder(cache_dir, repo_id) / "snapshots")}
 
 
+def kept_commits(chain: list[str], keep_versions: int) -> dict[str, set[str]]:
+    """repo_id -> shas: the newest ``keep_versions`` distinct ``repo@sha`` versions of ``chain`` (oldest first);
+    entries of another form (the base model, a folder's name) neither count nor are kept."""
+    newest: list[str] = []
+    for version in reversed(chain):
+        repo, at, sha = version.rpartition("@")
+        if at and repo and sha and version not in newest:
+            newest.append(version)
+        if len(newest) >= keep_versions:
+            break
+    kept: dict[str, set[str]] = {}
+    for version in newest:
+        repo, _, sha = version.rpartition("@")
+        kept.setdefault(repo, set()).add(sha)
+    return kept
+
+
 def collect(cache_dir: str | os.PathLike[str], repo_id: str, keep: Collection[str]) -> Collected:
     """Delete every download of ``repo_id`` in ``cache_dir`` but the commits (shas) in ``keep``: their snapshot
     folders, the blobs no kept snapshot links to, partial downloads, listings and refs of other commits, and the
