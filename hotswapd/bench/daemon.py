@@ -3,6 +3,7 @@ measurements that need a real daemon on its Unix socket (landed -> live, latency
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import cycle
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,26 @@ PROMPT = "Hello =>"
 _POLL_S = 0.02  # /readyz polling while a daemon starts
 _LIVE_POLL_S = 0.005  # pause between completions while waiting for a landed version to serve
 SWAP_EVERY_S = 0.2  # latency under swaps: one admin swap this often
+
+
+@dataclass
+class Arrivals:
+    """What ``DaemonBench.arrivals`` saw: each version renamed in, and when each that went live did."""
+
+    landed: list[tuple[str, float]] = field(default_factory=list)  # (version, rename time.time()), in order
+    live: dict[str, float] = field(default_factory=dict)  # version -> its swap record's finished_at
+    superseded: int = 0  # of ours, listed in GET /v1/adapters (the newest 50 at most)
+
+    def went_live(self) -> list[float]:
+        """Seconds from arrival to live, for each version that went live."""
+        landed = dict(self.landed)
+        return [t - landed[v] for v, t in self.live.items() if v in landed]
+
+    def newest_behind(self) -> list[float]:
+        """For every arrival, seconds until it or a newer version was live (how stale the live version got)."""
+        order = {v: i for i, (v, _) in enumerate(self.landed)}
+        went = sorted((order[v], t) for v, t in self.live.items() if v in order)
+        return [min((t for j, t in went if j >= i), default=float("inf")) - at for i, (_, at) in enumerate(self.landed)]
 
 
 class DaemonRun:
@@ -209,3 +231,40 @@ class DaemonBench:
                     return elapsed, {k: v / 1000 for k, v in record["phases_ms"].items()}
             time.sleep(_POLL_S)
         raise BenchError(f"no successful swap record for {name} in GET /v1/adapters")
+
+    def arrivals(self, paths: list[Path], every: float, seconds: float, timeout: float) -> Arrivals:
+        """A producer renaming a new version into the watched folder every ``every`` seconds for ``seconds``
+        (the README's protocol, each config made unique so every swap is a real one); swap records are
+        collected from ``GET /v1/adapters`` meanwhile (it lists the newest 50)."""
+        run = Arrivals()
+        client, order = self.client, cycle(paths)
+
+        def collect() -> None:
+            adapters = client.get("/v1/adapters")
+            for record in adapters["history"]:
+                if record["result"] == "success" and record["version"].startswith("arrival-"):
+                    run.live.setdefault(record["version"], record["finished_at"])
+            run.superseded = sum(s["version"].startswith("arrival-") for s in adapters.get("superseded", []))
+
+        tick = time.perf_counter()
+        end, next_collect = tick + seconds, tick + 1.0
+        while tick < end:
+            name = f"arrival-{len(run.landed):04d}"
+            staging = self.watched / f".incoming-{name}"
+            shutil.copytree(next(order), staging)
+            config = json.loads((staging / "adapter_config.json").read_text())
+            (staging / "adapter_config.json").write_text(json.dumps({**config, "revision": name}))
+            os.rename(staging, self.watched / name)
+            run.landed.append((name, time.time()))
+            if time.perf_counter() >= next_collect:
+                collect()
+                next_collect += 1.0
+            tick += every
+            time.sleep(max(0.0, tick - time.perf_counter()))
+        last, deadline = run.landed[-1][0], time.perf_counter() + timeout
+        while last not in run.live:
+            if time.perf_counter() > deadline:
+                raise BenchError(f"{last}, the last arrival, was not live {timeout:g}s after the producer stopped")
+            time.sleep(_POLL_S * 5)
+            collect()
+        return run

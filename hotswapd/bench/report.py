@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from hotswapd.bench.stats import LoadWindow, ratio, summarize
 
 if TYPE_CHECKING:
+    from hotswapd.bench.daemon import Arrivals
     from hotswapd.bench.runner import BenchConfig
 
 SECTIONS = (
@@ -20,6 +21,7 @@ SECTIONS = (
     "recompilations",
     "throughput_tokens_per_second",
     "startup_seconds",
+    "arrival_lag",
     "machine",
 )
 
@@ -34,6 +36,8 @@ LABELS = {
     "restart_warm_cache": "restart -> 1st token, warm compile cache",
     "isolated": "rename -> 1st completion on it, isolated arrivals",
     "back_to_back": "rename -> 1st completion on it, back to back",
+    "went_live": "arrival -> live, versions that went live",
+    "newest_behind": "arrival -> it or a newer version live, every one",
     "steady": "no swaps",
     "swap_every_200ms": "a swap every 200 ms",
     "in_process": "in-process compiled generation",
@@ -99,6 +103,33 @@ def landed(samples: dict[str, list[float]], phases: dict[str, dict[str, list[flo
         "settle_seconds after the previous swap, back_to_back: at once; phases from GET /v1/adapters: detect = "
         "first seen until the swap starts (includes the settle wait), validate = inspect; other = rename -> first "
         "seen, plus commit -> the completion naming the version",
+    }
+
+
+def arrival_lag(run: Arrivals, settle: float, every: float, seconds: float) -> dict[str, Any]:
+    c = _contenders({"went_live": run.went_live(), "newest_behind": run.newest_behind()})
+    limit = 2 * settle
+    live, behind = c["went_live"]["p99"], c["newest_behind"]["p99"]
+    return {
+        "contenders": c,
+        "settle_seconds": settle,
+        "arrive_every_seconds": every * settle,
+        "seconds": seconds,
+        "arrivals": len(run.landed),
+        "went_live": len(run.live),
+        "superseded_listed": run.superseded,
+        "ratios": {
+            "went_live_p99/(2*settle)": ratio(live, limit),
+            "newest_behind_p99/(2*settle)": ratio(behind, limit),
+            "went_live/arrivals": ratio(len(run.live), len(run.landed)),
+        },
+        "targets": [
+            _target(f"p99 <= 2 x settle = {limit * 1000:.0f} ms (arrival -> live)", live, live <= limit),
+            _target(f"p99 <= 2 x settle = {limit * 1000:.0f} ms (newest arrival not live)", behind, behind <= limit),
+        ],
+        "notes": f"a version renamed in every {every:g} x settle_seconds, faster than one settles; the newest "
+        "settled one goes live, those it beat in the same look are superseded; live = the swap record's "
+        "finished_at (GET /v1/adapters), arrival = the rename",
     }
 
 
@@ -325,6 +356,14 @@ def render(f: dict[str, Any]) -> str:
     lines += ["", _header("6. start-up")]
     lines += _rows(st["contenders"], _seconds, {"warm_cache": f"{_times(st['ratios']['warm_cache/cold_cache'])} cold"})
     lines += _targets(st)
+
+    al = f["arrival_lag"]
+    every_ms = al["arrive_every_seconds"] * 1000
+    title = f"7. arrival lag, one every {every_ms:.0f} ms for {al['seconds']:g} s, settle {al['settle_seconds']:g} s"
+    lines += ["", _header(title)]
+    note = f"{al['went_live']} of {al['arrivals']} went live"
+    lines += _rows(al["contenders"], _seconds, {"went_live": note})
+    lines += _targets(al, _seconds)
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@ in turns (A B A B ...), and returns the figures (JSON-able) with a rendered tabl
 
 Order matters and is fixed: restarts first (a cold start needs a fresh cache, and the last warm start
 stays up as the daemon under test); then the in-process engine on the cache the cold start filled;
-hotswapd's recompilation count; throughput, latency under swaps and landed -> live on the daemon; and
+hotswapd's recompilation count; throughput, latency under swaps, landed -> live and the arrival lag under
+sustained arrivals on the daemon; and
 last the swap stalls, because the PEFT models compile into this process (dynamo's counters are
 process-wide, and their graphs share code objects with the engine's).
 """
@@ -32,6 +33,7 @@ from hotswapd.bench.inprocess import HotswapdInProcess, PeftCompiled, configure_
 from hotswapd.bench.stats import LoadWindow, closed_loop, interleave
 
 Mode = Literal["full", "quick", "tiny"]
+ARRIVE_EVERY = 0.8  # arrival lag: versions land every 0.8 x settle_seconds, faster than they settle
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class BenchConfig:
     load_set_swaps: int = 5  # load_adapter + set_adapter recompiles every time: fewer turns
     recompile_swaps: int = 250
     landed_swaps: int = 30  # per kind of arrival (isolated, back to back)
+    arrival_seconds: float = 60.0  # arrival lag: a version every 0.8 x settle for this long
     load_clients: int = 2
     latency_rounds: int = 4
     latency_window_s: float = 4.0
@@ -68,12 +71,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "quick": dict(
         restarts=1, stall_swaps=30, load_set_swaps=2, recompile_swaps=200, landed_swaps=8, latency_rounds=2,
-        latency_window_s=2.5, throughput_rounds=2, throughput_window_s=1.5,
+        latency_window_s=2.5, throughput_rounds=2, throughput_window_s=1.5, arrival_seconds=20.0,
     ),
     "tiny": dict(
         compile=False, restarts=1, stall_swaps=3, load_set_swaps=1, recompile_swaps=6, landed_swaps=1,
         latency_rounds=1, latency_window_s=0.5, throughput_rounds=1, throughput_window_s=0.3,
         throughput_max_tokens=4, concurrency=(1, 2, 4, 8), pool_size=4, settle_seconds=0.2, start_timeout_s=300.0,
+        arrival_seconds=2.0,
     ),
 }  # fmt: skip
 
@@ -172,6 +176,10 @@ class _Run:
 
         say(f"landed -> live: {2 * c.landed_swaps} folders renamed into the watched folder")
         landed, phases = self._landed(daemon, paths)
+
+        every = ARRIVE_EVERY * self.settle
+        say(f"arrival lag: a version every {every * 1000:.0f} ms for {c.arrival_seconds:g} s, newest settled goes live")
+        arrivals = daemon.arrivals(paths, every, c.arrival_seconds, timeout=60.0 + 4 * self.settle)
         daemon.stop()
 
         # Last: the PEFT models compile into this process (their graphs would count as the engine's).
@@ -184,6 +192,7 @@ class _Run:
             "recompilations": report.recompilations(recompiles, graphs),
             "throughput_tokens_per_second": report.throughput(throughput, c),
             "startup_seconds": report.startup(daemon.ready_seconds, restart),
+            "arrival_lag": report.arrival_lag(arrivals, self.settle, ARRIVE_EVERY, c.arrival_seconds),
         }
 
     def _stall(

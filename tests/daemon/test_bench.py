@@ -27,6 +27,7 @@ CONTENDERS = {
         "in_process", "daemon_1_client", "daemon_2_clients", "daemon_4_clients", "daemon_8_clients",
     },
     "startup_seconds": {"cold_cache", "warm_cache"},
+    "arrival_lag": {"went_live", "newest_behind"},
 }  # fmt: skip
 PHASES = {"detect", "validate", "load", "stage", "verify", "commit"}
 
@@ -42,7 +43,7 @@ def test_tiny_bench_writes_every_figure(tmp_path: Path, cli_env: dict[str, str])
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for heading in ("1. serving stall", "2. landed -> live", "3. request latency", "4. graphs compiled",
-                    "5. throughput", "6. start-up"):  # fmt: skip
+                    "5. throughput", "6. start-up", "7. arrival lag"):  # fmt: skip
         assert heading in proc.stdout, proc.stdout
 
     figures = json.loads(out.read_text())
