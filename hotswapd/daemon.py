@@ -196,8 +196,14 @@ class Daemon:
             events=self.events,
             swap_roots=lambda: swap_roots(self.config),
         )
-        await self.server.start(sock)
-        log.info("listening on %s (readyz answers 503 until warm-up is done)", self.config.server.socket)
+        if self._socket_passed:
+            # systemd's socket: connections wait in its backlog until we are ready, so clients queue
+            # across a start or a restart instead of getting 503 "starting" (sd_listen_fds(3)).
+            log.info("socket passed in by systemd; connections wait in its backlog until warm-up is done")
+        else:
+            # Our own socket: answer at once, /healthz 200 and /readyz 503 while loading.
+            await self.server.start(sock)
+            log.info("listening on %s (readyz answers 503 until warm-up is done)", self.config.server.socket)
         if not await self._in_thread(self._load_and_warm):
             return
         # The name clients pass as "model": one the base declares itself, else its folder or Hub id.
@@ -213,6 +219,8 @@ class Daemon:
             return
         self._start_source()
         self.state.ready = True
+        if self._socket_passed:
+            await self.server.start(sock)
         self.notifier.ready(self._status_line())
         live = self.swapper.live
         log.info("ready in %.1fs: serving %s (sha256 %s)", time.monotonic() - t0, live.version, live.sha256[:12])
