@@ -5,7 +5,6 @@ once space is back. The small disks are real filesystems (a tmpfs of 1 MiB, test
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,10 +42,10 @@ def hub() -> Iterator[FakeHub]:
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="hs-dsk-", dir="/tmp") as d:
-        (Path(d) / "adapters").mkdir()
-        yield Path(d)
+def workdir(short_tmp: Path) -> Path:
+    """A short folder (the daemon's socket lives in it) with an empty watched folder."""
+    (short_tmp / "adapters").mkdir()
+    return short_tmp
 
 
 def _hub_config(assets: DemoAssets, workdir: Path, hub: FakeHub, state_dir: Path, **hub_keys: Any) -> Path:

@@ -9,8 +9,6 @@ import json
 import shlex
 import shutil
 import sysconfig
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,10 +41,10 @@ def console_script() -> str:
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="hs-ex-", dir="/tmp") as d:
-        (Path(d) / "adapters").mkdir()
-        yield Path(d)
+def workdir(short_tmp: Path) -> Path:
+    """A short folder (the daemon's socket lives in it) with an empty watched folder."""
+    (short_tmp / "adapters").mkdir()
+    return short_tmp
 
 
 @pytest.mark.slow
