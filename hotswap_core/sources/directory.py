@@ -18,8 +18,8 @@ back); a periodic look every ``rescan_seconds`` catches lost ones. A folder's co
 ``history.fingerprint``; it has *settled* once two looks ``settle_seconds`` apart saw the same one,
 and a look is due at that moment. Every wait is bounded: by the next settle, hold or rescan deadline.
 
-**Offering rule.** A settled folder is sorted, from headers and sizes only (sha256 only for a marker
-that carries one), into:
+**Offering rule.** A settled folder is sorted (``completeness.classify``), from headers and sizes only
+(sha256 only for a marker that carries one), into:
 
 * *complete*: ``adapter_config.json`` is a JSON object, the ``adapter_model.safetensors`` header
   parses and its offsets cover the file exactly, and the ``marker`` (if configured) is there and
@@ -36,11 +36,13 @@ ties, as among what the first look finds, go to the later ``max(st_mtime, st_cti
 settled ones are passed over for good: ``on_superseded(passed, winner)`` names those that landed
 after the source was made (not what the folder held before: that is history, not a lost race).
 
-**Liveness.** While a newer folder is still settling, the winner waits for it, but only until one
-more ``settle_seconds`` has passed: at most until ``seen_at + 2 * settle_seconds`` of the oldest
-folder waiting. Then the newest settled one is offered however fast later ones arrive, so every
-version is offered, or superseded by a newer one that is, within about ``2 * settle_seconds`` of its
-arrival (a version every 0.4 x settle once meant that none ever was).
+**Liveness.** While a newer folder is still settling, the winner waits for it, but only for 0.75
+``settle_seconds`` beyond its own settling: at most until ``seen_at + 1.75 * settle_seconds`` of the
+oldest folder waiting (enough for one that landed just after it, and was noticed at the next look, to
+settle and win). Then the newest settled one is offered however fast later ones arrive, so every
+version is offered, or superseded by a newer one that is, within about ``1.75 * settle_seconds`` of
+its arrival, and live, swap included, within ``2 * settle_seconds`` (a version every 0.4 x settle
+once meant that none ever was).
 
 A winner already offered, or refused by ``skip``, is not offered, and older ones are still passed
 over: a live version that ``skip`` refuses never lets an older one become live at start-up.
@@ -52,47 +54,36 @@ source's lock (``update_config`` does not wait for it), never one that serving n
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import re
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Literal
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from hotswap_core.adapters import _PICKLE_SUFFIXES, CONFIG_NAME, WEIGHTS_NAME, open_within
-from hotswap_core.config import DirectorySourceConfig, ValidationConfig
-from hotswap_core.errors import AdapterRejected
+from hotswap_core.config import DirectorySourceConfig
 from hotswap_core.history import folder_stamp
-from hotswap_core.safetensors_header import parse_header
 from hotswap_core.sources import call_back
+from hotswap_core.sources.completeness import NO_MARKER, OUTSIDE, State, classify
 
 log = logging.getLogger("hotswapd.source.directory")
 
 CURRENT_NAME = "current"
-_NO_MARKER = "no marker file"  # the producer has not said "complete": wait for it however long
+_HOLD_SETTLES = 0.75  # how long (in settles) a newer folder still settling may hold back a settled one
 _MISSING_CHECK_S = 1.0  # how often a missing watched folder (or an unarmed observer) is retried
-_MAX_HEADER = ValidationConfig().max_header_bytes
-_DIGEST = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})\b")
 # watchdog event type -> kind counted; "closed" (a write finished) is only a hint. Our own reads
 # (opened, closed_no_write) must be neither, or every look would trigger the next one.
 _EVENTS = {"created": "created", "modified": "modified", "attrib": "modified", "deleted": "deleted",
            "moved": "moved", "closed": None}  # fmt: skip
 EVENT_KINDS = ("created", "modified", "deleted", "moved", "rescan", "missing")  # what on_event reports
-State = Literal["complete", "arriving", "broken", "outside"]
-OUTSIDE = "outside_watched_folder"  # the reason code of a refusal (hotswap_core.adapters.REASONS)
 
 
 @dataclass(frozen=True)
@@ -322,7 +313,7 @@ class DirectorySource:
             state, why = self._state(c)
             if state != "arriving":
                 ready.append(t)
-            elif now >= t.observed + self._stale_after() and not why.startswith(_NO_MARKER):
+            elif now >= t.observed + self._stale_after() and not why.startswith(NO_MARKER):
                 # Unchanged for a whole rescan period: not a copy in progress but a folder left
                 # incomplete (a producer that died, a truncated upload). Offered as it is, so that
                 # the swap rejects it with its reason code; new content makes it a new candidate.
@@ -338,10 +329,12 @@ class DirectorySource:
         if not waiting:
             return None
         if newer_settling:
-            # A newer folder may make these moot, but it holds them back for one more settle at most
-            # (from the oldest one's arrival): else versions landing faster than they settle would
-            # keep every one of them waiting, and nothing would ever go live.
-            hold_until = min(t.candidate.seen_at for t in waiting) + 2 * cfg.settle_seconds
+            # A newer folder may make these moot, but it holds them back for 0.75 settle at most beyond
+            # their own settling (from the oldest one's arrival): else versions landing faster than they
+            # settle would keep every one of them waiting, and nothing would ever go live. 0.75: a folder
+            # that landed just after (noticed up to half a settle later, at the next look) still settles
+            # in time to win, and the swap's own time still fits in 2 x settle.
+            hold_until = min(t.candidate.seen_at for t in waiting) + (1 + _HOLD_SETTLES) * cfg.settle_seconds
             if now < hold_until:
                 self._hold_until = hold_until
                 return None
@@ -421,7 +414,7 @@ class DirectorySource:
         key = (c.path, c.fingerprint)
         if key not in self._states:
             try:
-                self._states[key] = _classify(c.path, self._config.marker, c.within)
+                self._states[key] = classify(c.path, self._config.marker, c.within)
             except OSError as exc:  # vanished or unreadable: not cached, the next look tries again
                 return "arriving", str(exc)
         return self._states[key]
@@ -464,86 +457,3 @@ class _Hints(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in _EVENTS:
             self._hint(_EVENTS[event.event_type])
-
-
-def _classify(folder: Path, marker: str | None, within: Path | None) -> tuple[State, str]:
-    """complete / arriving / broken / outside (see the module docstring), and why. OSError: look again later."""
-    if within is not None:
-        escape = _escaping_entry(folder, within)
-        if escape is not None:
-            return "outside", escape
-    try:
-        return _classify_files(folder, marker, lambda p: open_within(p, within))
-    except AdapterRejected as exc:  # a link flipped to point outside since the check above
-        if exc.reason != OUTSIDE:
-            raise
-        return "outside", f"{exc.message}; set source.directory.follow_symlinks: true to allow it"
-
-
-def _escaping_entry(folder: Path, within: Path) -> str | None:
-    """Why ``folder`` is refused if an entry in it resolves outside ``within``, else None."""
-    with os.scandir(folder) as it:
-        for entry in it:
-            if not entry.is_symlink():
-                continue  # a plain entry of a folder inside ``within`` is inside it
-            target = os.path.realpath(entry.path)
-            if not (target == str(within) or target.startswith(str(within) + os.sep)):
-                return (
-                    f"{entry.path} points outside the watched folder (to {target}); the version is refused "
-                    "(set source.directory.follow_symlinks: true to allow it)"
-                )
-    return None
-
-
-def _classify_files(folder: Path, marker: str | None, opener: Callable[[Path], BinaryIO]) -> tuple[State, str]:
-    weights = folder / WEIGHTS_NAME
-    if marker and not (folder / marker).is_file():
-        return "arriving", f"{_NO_MARKER} {marker}"
-    has_pickle = any(p.suffix in _PICKLE_SUFFIXES and p.is_file() for p in folder.iterdir())
-    if not weights.is_file() and not has_pickle:
-        return "arriving", f"no {WEIGHTS_NAME} yet"
-    if not (folder / CONFIG_NAME).is_file():
-        return "arriving", f"no {CONFIG_NAME} yet"
-    weights_state, why = _check_weights(weights, opener) if weights.is_file() else ("broken", "pickle weights only")
-    if weights_state == "arriving":
-        return "arriving", why
-    if marker and weights_state == "complete":
-        with opener(folder / marker) as f:
-            expected = _DIGEST.match(f.read(200).decode("ascii", "replace").strip())
-        if expected and expected.group(1).lower() != _sha256(weights, opener):
-            return "arriving", f"{WEIGHTS_NAME} does not match the sha256 in {marker} yet"
-    try:
-        with opener(folder / CONFIG_NAME) as f:
-            config = json.loads(f.read(_MAX_HEADER + 1))
-    except (ValueError, RecursionError) as exc:
-        return "broken", f"{CONFIG_NAME}: {exc}"
-    if not isinstance(config, dict):
-        return "broken", f"{CONFIG_NAME} is not a JSON object"
-    return weights_state, why
-
-
-def _check_weights(path: Path, opener: Callable[[Path], BinaryIO]) -> tuple[State, str]:
-    """Read only the safetensors header: shorter than it says is still arriving, otherwise wrong is broken."""
-    with opener(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            return "arriving", f"{path.name} has {size} bytes"
-        (header_len,) = struct.unpack("<Q", f.read(8))  # u64 little-endian header length
-        if header_len > _MAX_HEADER:
-            return "broken", f"{path.name} header of {header_len} bytes"
-        if 8 + header_len > size:
-            return "arriving", f"{path.name} is shorter than its header"
-        raw = f.read(header_len)
-    try:
-        parse_header(raw, size - 8 - header_len, path)
-    except AdapterRejected as exc:
-        return ("arriving" if exc.reason == "truncated" else "broken"), exc.message
-    return "complete", ""
-
-
-def _sha256(path: Path, opener: Callable[[Path], BinaryIO]) -> str:
-    digest = hashlib.sha256()
-    with opener(path) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
