@@ -12,11 +12,15 @@ file and its target; its files are not read. Links that stay inside are fine. Th
 same rule when it reads (``Candidate.within``, checked on each file opened), so flipping a link after
 the check changes nothing.
 
-Events are hints: one makes the source look (at most every ``settle_seconds / 2``: the look is due
-``settle_seconds / 2`` after the previous one, or at once if that is past; later events never move it
-back); a periodic look every ``rescan_seconds`` catches lost ones. A folder's content is its
-``history.fingerprint``; it has *settled* once two looks ``settle_seconds`` apart saw the same one,
-and a look is due at that moment. Every wait is bounded: by the next settle, hold or rescan deadline.
+Events are hints: one makes the source look, ``_look_gap()`` after the previous look or at once if
+that is past (later events never move it back). The gap is ``settle_seconds / 8``, or four times what
+the last look took when that is longer (a folder of thousands of versions), at most ``settle_seconds / 2``:
+so back-to-back arrivals are noticed within an eighth of a settle, and looks take at most a quarter of a
+core however fast events come. Events inside dot-entries (a producer's ``.incoming`` copy) are not
+hints, unless a ``current`` symlink may point into one (Kubernetes ``..data``). A periodic look every
+``rescan_seconds`` catches lost events. A folder's content is its ``history.fingerprint``; it has
+*settled* once two looks ``settle_seconds`` apart saw the same one, and a look is due at that moment.
+Every wait is bounded: by the next settle, hold or rescan deadline.
 
 **Offering rule.** A settled folder is sorted (``completeness.classify``), from headers and sizes only
 (sha256 only for a marker that carries one), into:
@@ -156,6 +160,7 @@ class DirectorySource:
         self._lock = threading.Lock()  # _pending and the two event fields below (observer thread, callers)
         self._last_scan = -math.inf  # so the first look is due at once
         self._first_event: float | None = None
+        self._look_s = 0.0  # how long the last look took
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -252,10 +257,21 @@ class DirectorySource:
                 due = min(due, last + min(cfg.rescan_seconds, _MISSING_CHECK_S))
         with self._lock:
             if self._first_event is not None:  # the first event since the last look: later ones add nothing
-                due = min(due, max(self._first_event, last + cfg.settle_seconds / 2))
+                due = min(due, max(self._first_event, last + self._look_gap(cfg)))
         return due
 
+    def _look_gap(self, cfg: DirectorySourceConfig) -> float:
+        """The shortest time from one look to the next that an event may ask for (see the module docstring)."""
+        return min(cfg.settle_seconds / 2, max(cfg.settle_seconds / 8, 4 * self._look_s))
+
     def _scan(self, *, periodic: bool) -> Candidate | None:
+        started = time.monotonic()
+        try:
+            return self._look(periodic=periodic)
+        finally:
+            self._look_s = time.monotonic() - started
+
+    def _look(self, *, periodic: bool) -> Candidate | None:
         with self._scan_lock:
             cfg, now = self._apply_config(), time.monotonic()
             with self._lock:
@@ -435,7 +451,7 @@ class DirectorySource:
         # With polling the periodic look does the work; the observer adds hints at the same pace.
         observer = PollingObserver(timeout=self._config.rescan_seconds) if self._config.polling else Observer()
         try:
-            observer.schedule(_Hints(self._hint), str(root), recursive=True)
+            observer.schedule(_Hints(self._hint, root), str(root), recursive=True)
             observer.start()
         except OSError as exc:
             log.warning("cannot watch %s (%s); relying on rescans until it can", root, exc)
@@ -451,9 +467,17 @@ class DirectorySource:
 
 
 class _Hints(FileSystemEventHandler):
-    def __init__(self, hint: Callable[[str | None], None]) -> None:
-        self._hint = hint
+    def __init__(self, hint: Callable[[str | None], None], root: Path) -> None:
+        self._hint, self._root = hint, os.fsdecode(root) + os.sep
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in _EVENTS:
-            self._hint(_EVENTS[event.event_type])
+        if event.event_type not in _EVENTS:
+            return
+        paths = [os.fsdecode(p) for p in (event.src_path, getattr(event, "dest_path", "")) if p]
+        if all(self._in_dot_entry(p) for p in paths) and not os.path.islink(self._root + CURRENT_NAME):
+            return  # a producer writing its .incoming copy: only the rename in is news
+        self._hint(_EVENTS[event.event_type])
+
+    def _in_dot_entry(self, path: str) -> bool:
+        """True for a path inside (or being) a top-level entry whose name starts with a dot."""
+        return path.startswith(self._root) and path[len(self._root) :].startswith(".")

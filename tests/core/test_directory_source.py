@@ -508,6 +508,40 @@ def test_a_steady_stream_of_events_does_not_postpone_looks(root: Path, rec: Reco
     assert LIVE_SETTLE <= lag <= 1.5 * LIVE_SETTLE + LAG_TOLERANCE, lag
 
 
+def test_the_producers_dot_folder_copy_does_not_delay_the_look(root: Path, rec: Recorder, make_source) -> None:
+    # cp -r to .incoming-vN, then mv: the copy's events must not start the look cadence, or the rename
+    # that follows waits for the next look (up to settle/2 more: 1.5 x settle measured before).
+    root.mkdir()
+    make_source(settle_seconds=1.0)
+    assert rec.quiet(0)
+    lags = []
+    for i in range(3):
+        staging = write_adapter(root / f".incoming-v{i}", seed=i)
+        t0 = time.monotonic()
+        os.rename(staging, root / f"v{i}")
+        assert rec.wait_for(lambda i=i: len(rec.offers) > i, timeout=10)
+        lags.append(rec.offers[i][1] - t0)
+    assert rec.versions() == ["v0", "v1", "v2"]
+    assert all(1.0 <= lag <= 1.0 + LAG_TOLERANCE for lag in lags), lags
+
+
+def test_back_to_back_arrivals_are_noticed_within_an_eighth_of_a_settle(root: Path, rec: Recorder, make_source) -> None:
+    # The second rename lands just after the look the first one caused: it is seen settle/8 later
+    # (not settle/2, as before), so the newest is offered about 1.125 settles after the first rename.
+    root.mkdir()
+    a, b = write_adapter(root / ".a", seed=1), write_adapter(root / ".b", seed=2)  # before: no events
+    make_source(settle_seconds=1.0)
+    assert rec.quiet(0)  # the first look is long done
+    t0 = time.monotonic()
+    os.rename(a, root / "v1")
+    time.sleep(0.05)  # the producer's pace: right after the first look
+    os.rename(b, root / "v2")
+    assert rec.wait_for(lambda: rec.offers, timeout=10)
+    lag = rec.offers[0][1] - t0
+    assert rec.versions() == ["v2"] and [v for v, _ in rec.superseded] == ["v1"]
+    assert 1.0 <= lag <= 1.125 + 0.2, lag  # before: 1.5 (the second rename was seen half a settle later)
+
+
 def test_two_arrivals_in_one_look_record_the_older_as_superseded(root: Path, rec: Recorder, make_source) -> None:
     root.mkdir()
     src = make_source(start=False)
