@@ -608,12 +608,13 @@ def test_out_of_space_while_downloading_backs_off_and_recovers(hub: FakeHub, mak
         assert files_in(sink.offers[0].path) == adapter_files(1)  # the live commit's files untouched
 
         filler.unlink()
-        freed = time.monotonic()
+        freed, polled = time.monotonic(), len(sink.polls)
         source.start()  # the thread's next poll is the backed-off one
-        sink.wait(lambda: len(sink.offers) == 2)
+        # The poll is counted after its offer returns: wait for both, not the offer alone.
+        sink.wait(lambda: len(sink.offers) == 2 and len(sink.polls) > polled)
         recovered = time.monotonic() - freed
         assert sink.offers[1].fingerprint == second and files_in(sink.offers[1].path) == big
-        assert sink.polls[-1] == "changed" and source.status()["consecutive_failures"] == 0
+        assert sink.polls[polled] == "changed" and source.status()["consecutive_failures"] == 0
         assert 0.3 <= recovered < 3.0, recovered  # waited out the backoff, no more
         print(f"\nout of space -> space back -> live: {recovered:.2f}s (backoff 0.6s)")
         source.stop()
