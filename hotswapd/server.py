@@ -80,6 +80,7 @@ class Server:
         self.swap_roots = swap_roots
         self.inflight = 0
         self.app = web.Application(client_max_size=state.config.max_body_bytes, middlewares=[self._middleware])
+        self.app.on_response_prepare.append(self._close_when_draining)
         r = self.app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
@@ -275,11 +276,16 @@ class Server:
         call = protocol.parse_chat(body, self._render_chat, self._tokenize, self.engine.max_seq_len)
         return await self._serve(request, call, chat=True, prefix="chatcmpl")
 
+    async def _close_when_draining(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.state.draining:  # this answer is the connection's last: no keep-alive past a SIGTERM
+            response.force_close()
+            response.headers["Connection"] = "close"
+
     def _require_ready(self) -> None:
-        if self.state.draining:
-            raise ApiError(
-                503, "hotswapd is shutting down", code="draining", headers={"Retry-After": "1", "Connection": "close"}
-            )
+        # While draining, a request on a connection accepted before the stop is still served (the drain
+        # waits for it, bounded by server.drain_timeout_s): under socket activation its client cannot
+        # know the connection was not left in systemd's backlog for the next process. Only once the
+        # engine has stopped is it refused (EngineStopped -> 503 draining).
         if not self.state.ready:
             raise ApiError(503, "the model is still loading", code="starting", headers={"Retry-After": "5"})
 
