@@ -166,7 +166,7 @@ def inspect_adapter(
     """
     root = Path(os.path.realpath(within)) if within is not None else None
     folder = _resolve_folder(Path(path))
-    if root is not None and not _inside(str(folder), root):
+    if root is not None and not is_inside(str(folder), root):
         _reject("outside_watched_folder", path, f"resolves outside the watched folder {root} (to {folder})")
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
@@ -310,7 +310,7 @@ def open_within(path: Path, within: Path | None) -> BinaryIO:
     except BaseException:
         f.close()
         raise
-    if real is None or not _inside(real, within):
+    if real is None or not is_inside(real, within):
         f.close()
         where = f"to {real}" if real is not None else "it changed while being opened"
         _reject("outside_watched_folder", path, f"resolves outside the watched folder {within} ({where})")
@@ -330,7 +330,8 @@ def _opened_path(f: BinaryIO, path: Path) -> str | None:
         return real if same else None
 
 
-def _inside(real: str, root: Path) -> bool:
+def is_inside(real: str, root: Path) -> bool:
+    """True if the resolved path ``real`` is ``root`` or lies below it."""
     return real == str(root) or real.startswith(str(root).rstrip(os.sep) + os.sep)
 
 

@@ -57,30 +57,27 @@ def _parser() -> argparse.ArgumentParser:
     _global_options(common, defaults=False)
     subparsers = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    class _Verbs:
-        @staticmethod
-        def add_parser(name: str, *, parents: Sequence[argparse.ArgumentParser] = (), **kw: Any) -> Any:
-            return subparsers.add_parser(name, parents=[*parents, common], **kw)
+    def verb(name: str, *, parents: Sequence[argparse.ArgumentParser] = (), **kw: Any) -> argparse.ArgumentParser:
+        """A verb's parser; every verb also takes the global options."""
+        return subparsers.add_parser(name, parents=[*parents, common], **kw)
 
-    verbs = _Verbs()
-
-    v = verbs.add_parser("run", help="the daemon: serve the model, watch for adapters, swap them in")
+    v = verb("run", help="the daemon: serve the model, watch for adapters, swap them in")
     v.add_argument("--config", required=True)
 
-    v = verbs.add_parser("check-config", help="validate a config file: prints OK or every problem (exit 0 / 2)")
+    v = verb("check-config", help="validate a config file: prints OK or every problem (exit 0 / 2)")
     v.add_argument("config")
 
-    v = verbs.add_parser("validate", help="offline report on an adapter folder (exit 0 valid / 1 rejected)")
+    v = verb("validate", help="offline report on an adapter folder (exit 0 valid / 1 rejected)")
     v.add_argument("adapter_dir")
     v.add_argument("--config", required=True)
     v.add_argument("--json", action="store_true", help="machine-readable report")
 
-    v = verbs.add_parser("demo", help="build a tiny local model, tokenizer and example adapters, then show a swap")
+    v = verb("demo", help="build a tiny local model, tokenizer and example adapters, then show a swap")
     v.add_argument("--dir", default="hotswapd-demo", help="where to put the demo assets (default: ./hotswapd-demo)")
     v.add_argument("--no-serve", action="store_true", help="only build the assets")
     v.add_argument("--force", action="store_true", help="rebuild the assets even if they exist")
 
-    v = verbs.add_parser("bench", help="measure swaps, latency, throughput and start-up against the alternatives")
+    v = verb("bench", help="measure swaps, latency, throughput and start-up against the alternatives")
     v.add_argument("--model", default="demo", help="demo (default), a model folder or Hub id, or a hotswapd config")
     v.add_argument("--quick", action="store_true", help="fewer repetitions: a few minutes on 2 CPU cores")
     v.add_argument("--json", metavar="OUT", help="also write every figure to OUT as JSON")
@@ -92,15 +89,15 @@ def _parser() -> argparse.ArgumentParser:
         "--socket", default=None, help=f"the daemon's socket (default: $HOTSWAPD_SOCKET, else {DEFAULT_SOCKET})"
     )
     client.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
-    verbs.add_parser("status", parents=[client], help="readiness, live and standby versions, recent swaps")
-    v = verbs.add_parser("generate", parents=[client], help="complete PROMPT with the live adapter")
+    verb("status", parents=[client], help="readiness, live and standby versions, recent swaps")
+    v = verb("generate", parents=[client], help="complete PROMPT with the live adapter")
     v.add_argument("prompt")
     v.add_argument("--max-tokens", type=int, default=32)
     v.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     v.add_argument("--stream", action="store_true", help="print text as it is generated")
-    v = verbs.add_parser("swap", parents=[client], help="validate the adapter folder PATH and make it live (admin)")
+    v = verb("swap", parents=[client], help="validate the adapter folder PATH and make it live (admin)")
     v.add_argument("path")
-    verbs.add_parser("rollback", parents=[client], help="make the previous version live again (admin)")
+    verb("rollback", parents=[client], help="make the previous version live again (admin)")
     return p
 
 

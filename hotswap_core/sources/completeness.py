@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from hotswap_core.adapters import _PICKLE_SUFFIXES, CONFIG_NAME, WEIGHTS_NAME, open_within
+from hotswap_core.adapters import _PICKLE_SUFFIXES, CONFIG_NAME, WEIGHTS_NAME, is_inside, open_within
 from hotswap_core.config import ValidationConfig
 from hotswap_core.errors import AdapterRejected
 from hotswap_core.safetensors_header import parse_header
@@ -49,7 +49,7 @@ def _escaping_entry(folder: Path, within: Path) -> str | None:
             if not entry.is_symlink():
                 continue  # a plain entry of a folder inside ``within`` is inside it
             target = os.path.realpath(entry.path)
-            if not (target == str(within) or target.startswith(str(within) + os.sep)):
+            if not is_inside(target, within):
                 return (
                     f"{entry.path} points outside the watched folder (to {target}); the version is refused "
                     "(set source.directory.follow_symlinks: true to allow it)"
