@@ -72,6 +72,9 @@ class HubSourceConfig:
     # Downloads kept on disk: the live commit plus the newest previous ones of the rollback chain;
     # every other snapshot is deleted once a new commit is live.
     keep_versions: int = 3
+    # Each wait between polls is poll_seconds x a random factor in [1 - poll_jitter, 1 + poll_jitter], so the
+    # replicas of a fleet spread their polls instead of hitting the Hub in lockstep (the mean stays poll_seconds).
+    poll_jitter: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class ServerConfig:
     # Folders an admin ``POST /v1/adapters/swap`` may take adapters from. None: the watched folder
     # and the folder holding adapter.initial.
     swap_roots: tuple[str, ...] | None = None
+    # HOST:PORT serving the inference endpoints (completions, chat, models, health) over TCP for a fleet
+    # router; None: the Unix socket only. Admin verbs (swap, rollback, refresh) are never served over TCP.
+    listen_tcp: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,14 @@ def check_socket_path(key: str, path: str) -> None:
             [f"{key}: the socket path {path} is {size} bytes; Unix socket paths must be at most "
              f"{MAX_SOCKET_PATH_BYTES} bytes (unix(7)): choose a shorter folder"]
         )  # fmt: skip
+
+
+def split_host_port(value: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6) as ``(host, port)``; None when it is not one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return None
+    return host.strip("[]"), int(port)
 
 
 def _describe(value: Any) -> str:
@@ -270,9 +284,17 @@ def _check_values(c: Config) -> list[str]:
         p.append(f"server.socket_mode: must be a file mode such as 0o660, got {c.server.socket_mode!r}")
     if any(uid < 0 for uid in c.server.admin_uids or ()):
         p.append("server.admin_uids: uids must be >= 0")
-    host, sep, port = c.metrics.listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        p.append(f"metrics.listen: expected HOST:PORT such as 127.0.0.1:9464, got {c.metrics.listen!r}")
+    if not 0 <= c.source.hub.poll_jitter < 1:
+        p.append(
+            f"source.hub.poll_jitter: must be >= 0 and < 1 (a fraction of poll_seconds), got {c.source.hub.poll_jitter}"
+        )
+    listeners = {
+        "metrics.listen": (c.metrics.listen, "127.0.0.1:9464"),
+        "server.listen_tcp": (c.server.listen_tcp, "127.0.0.1:8000"),
+    }
+    for key, (value, example) in listeners.items():
+        if value is not None and split_host_port(value) is None:
+            p.append(f"{key}: expected HOST:PORT such as {example}, got {value!r}")
     if not c.state_dir:
         p.append("state_dir: required")
     return p

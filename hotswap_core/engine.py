@@ -96,6 +96,7 @@ class Engine:
         self._pending: deque[list[GenerationRequest]] = deque()
         self._queued = 0  # requests in _pending
         self.on_batch: Callable[[int], None] | None = None  # rows per batch (metrics)
+        self._kv_positions = 0  # KV positions the running batch holds (rows x padded length); 0 between batches
         self._control: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -262,6 +263,11 @@ class Engine:
         return [f.result(timeout) for f in futures]
 
     @property
+    def kv_cache_usage(self) -> float:
+        """KV positions held by the running batch / (max_batch_size x max_seq_len), in [0, 1]."""
+        return min(1.0, self._kv_positions / (self.max_batch_size * self.max_seq_len))
+
+    @property
     def queue_depth(self) -> int:
         return self._queued
 
@@ -395,19 +401,23 @@ class Engine:
         cache = self._new_cache()
         logits = self._step(ids, mask, positions, cache)  # [B, V]
         finite = True
-        while True:
-            if check_finite:
-                finite = finite and bool(torch.isfinite(logits).all())
-            for row, token in zip(rows, sample(logits, rows), strict=True):
-                if not row.done:
-                    row.push(token)
-            self.last_loop_at = time.monotonic()  # a long batch is still a turning worker
-            if all(r.done for r in rows):
-                return finite
-            next_ids = torch.tensor([[r.ids[-1] if r.ids else self.pad_id] for r in rows], device=self.device)
-            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=self.device)], dim=1)
-            positions = positions[:, -1:] + 1  # [B, 1]
-            logits = self._step(next_ids, mask, positions, cache)
+        try:
+            while True:
+                self._kv_positions = bsz * mask.shape[1]  # the dynamic cache holds every row at the padded length
+                if check_finite:
+                    finite = finite and bool(torch.isfinite(logits).all())
+                for row, token in zip(rows, sample(logits, rows), strict=True):
+                    if not row.done:
+                        row.push(token)
+                self.last_loop_at = time.monotonic()  # a long batch is still a turning worker
+                if all(r.done for r in rows):
+                    return finite
+                next_ids = torch.tensor([[r.ids[-1] if r.ids else self.pad_id] for r in rows], device=self.device)
+                mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=self.device)], dim=1)
+                positions = positions[:, -1:] + 1  # [B, 1]
+                logits = self._step(next_ids, mask, positions, cache)
+        finally:
+            self._kv_positions = 0
 
     def _step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
         out = self._forward(

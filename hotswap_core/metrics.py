@@ -12,7 +12,7 @@ import platform
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from hotswap_core.adapters import REASONS
@@ -21,6 +21,8 @@ SWAP_RESULTS = ("success", "rejected", "failed", "rolled_back")
 SWAP_PHASES = ("detect", "validate", "load", "stage", "verify", "commit")
 ENDPOINTS = ("completions", "chat_completions", "models", "adapters", "admin", "health", "other")
 HUB_POLL_RESULTS = ("unchanged", "changed", "error", "rate_limited")
+# hotswapd_source_head_info's state: is the version at the source's head live here, and if not, why not.
+HEAD_STATES = ("live", "pending", "rejected", "rolled_back")
 
 # Swap phases and the commit stall: tens of microseconds (a flip) to seconds (loading a big adapter).
 _SWAP_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -89,6 +91,12 @@ class Metrics:
         self.generated_tokens = Counter("hotswapd_generated_tokens", "Completion tokens generated.", registry=r)
         self.inflight = Gauge("hotswapd_inflight_requests", "Completion requests being served.", registry=r)
         self.queue_depth = Gauge("hotswapd_queue_depth", "Requests waiting for a batch.", registry=r)
+        self.kv_cache_usage = Gauge(
+            "hotswapd_kv_cache_usage_ratio",
+            "KV-cache positions held by running requests / the engine's capacity "
+            "(max_batch_size x max_seq_len), 0 to 1; for fleet routers (GIE's KV utilisation).",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "hotswapd_batch_size",
             "Rows per generation batch.",
@@ -111,8 +119,10 @@ class Metrics:
         self._state_write_failures = _CounterFromFunction(
             "hotswapd_state_write_failures", "Failed writes of the persisted state in state_dir.", lambda: 0
         )
+        self._source_head = _SourceHead()
         r.register(self._recompilations)
         r.register(self._state_write_failures)
+        r.register(self._source_head)
         for result in SWAP_RESULTS:
             self.swaps.labels(result)
         for phase in SWAP_PHASES:
@@ -132,10 +142,17 @@ class Metrics:
     def watch_history(self, persist_failures: Callable[[], int]) -> None:
         self._state_write_failures.read = persist_failures
 
-    def watch_engine(self, recompilations: Callable[[], int], queue_depth: Callable[[], int]) -> None:
+    def watch_engine(
+        self, recompilations: Callable[[], int], queue_depth: Callable[[], int], kv_cache_usage: Callable[[], float]
+    ) -> None:
         """Read these at scrape time (no polling thread)."""
         self._recompilations.read = recompilations
         self.queue_depth.set_function(lambda: float(queue_depth()))
+        self.kv_cache_usage.set_function(kv_cache_usage)
+
+    def watch_source_head(self, head: Callable[[], tuple[str, str] | None]) -> None:
+        """``head()``: (version, state) of the source's head, read at scrape time; None: nothing seen yet."""
+        self._source_head.read = head
 
     def set_build_info(self, device: str) -> None:
         import peft
@@ -157,6 +174,27 @@ class Metrics:
         """Exactly one ``hotswapd_adapter_info`` series: the live version."""
         self.adapter_info.clear()
         self.adapter_info.labels(version, sha256, source).set(1)
+
+
+class _SourceHead(Collector):
+    """``hotswapd_source_head_info{version,state}``: one series, the version the source points at now
+    (the Hub revision's commit, or the directory's newest offer) and whether it is live here (HEAD_STATES).
+    Across a fleet, ``state="rejected"`` names a cohort stuck on a commit it refused."""
+
+    name, documentation = "hotswapd_source_head_info", "The version at the adapter source's head and its state here."
+
+    def __init__(self) -> None:
+        self.read: Callable[[], tuple[str, str] | None] = lambda: None
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.name, self.documentation, labels=["version", "state"])]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=["version", "state"])
+        head = self.read()
+        if head is not None:
+            family.add_metric(list(head), 1)
+        return [family]
 
 
 class _CounterFromFunction(Collector):

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from hotswapd.daemon import Daemon
     from hotswapd.demo import DemoAssets
 
-CLIENT_VERBS = ("status", "generate", "swap", "rollback")
+CLIENT_VERBS = ("status", "generate", "swap", "rollback", "refresh")
 
 
 DESCRIPTION = """\
@@ -32,7 +32,7 @@ Serve a torch.compile'd model over a Unix socket and hot-swap its LoRA adapter i
 
   hotswapd demo                         build a tiny local model and two adapters, then serve them
   hotswapd run --config FILE            the daemon (systemd: see systemd/hotswapd.service)
-  hotswapd status | generate | swap | rollback   talk to a running daemon (--socket or $HOTSWAPD_SOCKET)
+  hotswapd status | generate | swap | rollback | refresh   talk to a running daemon (--socket or $HOTSWAPD_SOCKET)
 """
 EPILOG = "Exit codes: 0 ok, 1 adapter rejected, 2 bad config or usage, 3 runtime failure or daemon unreachable."
 
@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     v = verb("swap", parents=[client], help="validate the adapter folder PATH and make it live (admin)")
     v.add_argument("path")
     verb("rollback", parents=[client], help="make the previous version live again (admin)")
+    verb("refresh", parents=[client], help="make the adapter source look now, e.g. after a push to the Hub (admin)")
     return p
 
 

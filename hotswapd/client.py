@@ -114,7 +114,7 @@ EXIT_OK, EXIT_REJECTED, EXIT_CONFIG, EXIT_RUNTIME = 0, 1, 2, 3
 
 
 def run_client_verb(args: Any) -> int:
-    """``status`` / ``generate`` / ``swap`` / ``rollback``: print for people, or ``--json`` for scripts."""
+    """The client verbs (status, generate, swap, rollback, refresh): print for people, or ``--json`` for scripts."""
     client = Client(args.socket)
     try:
         if args.verb == "status":
@@ -125,6 +125,8 @@ def run_client_verb(args: Any) -> int:
             return _admin(client, "/v1/adapters/swap", {"path": os.path.abspath(args.path)}, args.json)
         if args.verb == "rollback":
             return _admin(client, "/v1/adapters/rollback", {}, args.json)
+        if args.verb == "refresh":
+            return _refresh(client, args.json)
     except ClientError as exc:
         if args.json and exc.body:
             print(json.dumps(exc.body))
@@ -200,6 +202,22 @@ def _generate(client: Client, args: Any) -> int:
             f"[adapter {answer['adapter']['version']}, {answer['usage']['completion_tokens']} tokens]", file=sys.stderr
         )
     return EXIT_OK
+
+
+def _refresh(client: Client, as_json: bool) -> int:
+    answer = client.post("/v1/adapters/refresh", {})
+    if as_json:
+        print(json.dumps(answer))
+        return EXIT_OK
+    if answer["source"] == "hub":
+        found = f"at {answer['sha']}" if answer["sha"] else "not reached"
+        print(f"looked: hub {answer['result']} ({found})" + (f": {answer['error']}" if answer["error"] else ""))
+    else:
+        print(f"looked: {answer['source']}")
+    if answer["offered"]:
+        print(f"  offered {answer['offered']}")
+    print(f"live is {answer['live']['version']} (sha256 {answer['live']['sha256'][:12]})")
+    return EXIT_OK if answer["result"] not in ("error", "rate_limited") else EXIT_RUNTIME
 
 
 def _admin(client: Client, path: str, body: dict[str, Any], as_json: bool) -> int:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hotswap_core.config import Config, apply_reload, load_config, swap_roots
+from hotswap_core.config import Config, apply_reload, load_config, split_host_port, swap_roots
 from hotswap_core.engine import Engine, WarmupStep
 from hotswap_core.errors import ConfigError, HotswapError
 from hotswap_core.history import History, SwapRecord, fingerprint
@@ -30,6 +31,7 @@ from hotswap_core.sources.hub import EVENT_KINDS as HUB_EVENT_KINDS
 from hotswap_core.sources.hub import HubSource, hub_cache_dir
 from hotswap_core.swap import Swapper
 from hotswapd.events import EventBus
+from hotswapd.metrics_server import MetricsServer
 from hotswapd.server import Server, ServingState
 from hotswapd.systemd import Notifier, listen_socket
 from hotswapd.unix_socket import bind_unix_socket
@@ -67,6 +69,8 @@ class Daemon:
         self._abandoned = False  # a start-up thread was left running when a stop came
         self.notifier = Notifier()
         self._socket_passed = False
+        self._tcp: socket.socket | None = None  # server.listen_tcp, bound before the model loads
+        self._offered: str | None = None  # the directory source's last offer: its head
 
     # ---- the whole life -----------------------------------------------------------------------
     def run(self) -> int:
@@ -110,6 +114,8 @@ class Daemon:
             state_retry.cancel()
             if self.server is not None:
                 await self.server.close()
+            if self._tcp is not None:
+                self._tcp.close()
             if metrics_server is not None:
                 metrics_server.shutdown()
             if not self._socket_passed:  # a socket systemd owns is never unlinked (sd_listen_fds(3))
@@ -117,6 +123,17 @@ class Daemon:
             self.notifier.close()
 
     def _bind(self) -> Any:
+        listen_tcp = self.config.server.listen_tcp
+        if listen_tcp is not None:
+            host, port = split_host_port(listen_tcp) or ("", 0)  # checked at config load
+            try:
+                self._tcp = socket.create_server(
+                    (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=128
+                )
+            except OSError as exc:
+                raise DaemonError(f"cannot listen on server.listen_tcp {listen_tcp}: {exc.strerror or exc}") from exc
+            self._tcp.setblocking(False)
+            log.info("inference endpoints also on tcp %s (admin verbs on the Unix socket only)", listen_tcp)
         try:
             passed = listen_socket("api")
             if passed is not None:
@@ -157,29 +174,35 @@ class Daemon:
         tail = f"; last swap: {last.version} {last.result}" if last is not None else ""
         return f"serving {live.version} ({live.sha256[:12]}){tail}"
 
-    def _start_metrics(self) -> Any:
+    def _start_metrics(self) -> MetricsServer | None:
         if not self.config.metrics.enabled:
             return None
-        from prometheus_client import start_http_server
-
-        host, _, port = self.config.metrics.listen.rpartition(":")
+        listen = split_host_port(self.config.metrics.listen)
+        assert listen is not None  # checked at config load
+        host, port = listen
         try:
             try:
-                httpd, _thread = start_http_server(int(port), host.strip("[]"), registry=self.metrics.registry)
+                httpd = MetricsServer(host, port, self.metrics.registry, self._readiness)
             except OSError:
                 if not self.metrics_port_fallback:
                     raise
                 log.warning("metrics port %s is busy; using a free one", self.config.metrics.listen)
-                httpd, _thread = start_http_server(0, host.strip("[]"), registry=self.metrics.registry)
+                httpd = MetricsServer(host, 0, self.metrics.registry, self._readiness)
         except OSError as exc:
             raise DaemonError(
                 f"cannot serve metrics on {self.config.metrics.listen}: {exc.strerror or exc} "
                 "(set metrics.listen, or metrics.enabled: false)"
             ) from exc
-        bound_host, bound_port = httpd.server_address[:2]
-        self.metrics_url = f"http://{host}:{bound_port}/metrics" if bound_host else None
-        log.info("metrics on %s", self.metrics_url)
+        shown = f"[{host}]" if ":" in host else host
+        self.metrics_url = f"http://{shown}:{httpd.address[1]}/metrics"
+        log.info("metrics on %s (and /healthz, /readyz for probes)", self.metrics_url)
         return httpd
+
+    def _readiness(self) -> tuple[int, dict[str, Any]]:
+        """What /readyz answers, on the socket and on the metrics listener alike."""
+        if self.server is None:
+            return 503, {"status": "draining" if self.state.draining else "starting"}
+        return self.server.readiness()
 
     async def _start(self, sock: Any) -> None:
         t0 = time.monotonic()
@@ -195,6 +218,7 @@ class Daemon:
             describe_source=self.describe_source,
             events=self.events,
             swap_roots=lambda: swap_roots(self.config),
+            refresh=self.refresh,
         )
         if self._socket_passed:
             # systemd's socket: connections wait in its backlog until we are ready, so clients queue
@@ -202,14 +226,17 @@ class Daemon:
             log.info("socket passed in by systemd; connections wait in its backlog until warm-up is done")
         else:
             # Our own socket: answer at once, /healthz 200 and /readyz 503 while loading.
-            await self.server.start(sock)
+            await self.server.start(sock, self._tcp)
             log.info("listening on %s (readyz answers 503 until warm-up is done)", self.config.server.socket)
         if not await self._in_thread(self._load_and_warm):
             return
         # The name clients pass as "model": one the base declares itself, else its folder or Hub id.
         self.server.model_id = getattr(engine.model_config, "hotswapd_base_id", None) or self.server.model_id
         engine.on_batch = self.metrics.batch_size.observe
-        self.metrics.watch_engine(lambda: engine.recompilations, lambda: engine.queue_depth)
+        self.metrics.watch_engine(
+            lambda: engine.recompilations, lambda: engine.queue_depth, lambda: engine.kv_cache_usage
+        )
+        self.metrics.watch_source_head(self._source_head)
         self.metrics.set_build_info(str(engine.device))
         self.metrics.watch_history(lambda: self.history.persist_failures)
         if self.config.source.kind == "directory":
@@ -220,7 +247,7 @@ class Daemon:
         self._start_source()
         self.state.ready = True
         if self._socket_passed:
-            await self.server.start(sock)
+            await self.server.start(sock, self._tcp)
         self.notifier.ready(self._status_line())
         live = self.swapper.live
         log.info("ready in %.1fs: serving %s (sha256 %s)", time.monotonic() - t0, live.version, live.sha256[:12])
@@ -364,6 +391,35 @@ class Daemon:
             self.source.start()
             log.info("watching %s at %s on %s", hub.repo_id, hub.revision, hub.endpoint or "the Hugging Face Hub")
 
+    def refresh(self) -> dict[str, Any]:
+        """``POST /v1/adapters/refresh``: the source looks now, on the caller's thread (a version it finds is
+        swapped in by that look). What it found, for the answer."""
+        if isinstance(self.source, HubSource):
+            offered = self.source.poll_now()
+            status = self.source.status()
+            return {"source": "hub", "result": status["last_result"], "error": status["last_error"],
+                    "sha": status["last_sha"], "offered": offered.version if offered else None}  # fmt: skip
+        if isinstance(self.source, DirectorySource):
+            offered = self.source.rescan()
+            return {"source": "directory", "result": "looked", "offered": offered.version if offered else None}
+        return {"source": self.config.source.kind, "result": "no_source", "offered": None}
+
+    def _source_head(self) -> tuple[str, str] | None:
+        """(version, state) for hotswapd_source_head_info: where the source points, and whether that is live here."""
+        if isinstance(self.source, HubSource):
+            sha = self.source.status()["head_sha"]
+            head = f"{self.config.source.hub.repo_id}@{sha}" if sha else None
+        else:
+            head = self._offered
+        if head is None or self.swapper is None:
+            return None
+        if head == self.swapper.live.version:
+            return head, "live"
+        if head in self.history.rolled_back_versions:
+            return head, "rolled_back"
+        tried = next((r for r in self.history.recent(50) if r.version == head and r.result != "unchanged"), None)
+        return head, "rejected" if tried is not None and tried.result in ("rejected", "failed") else "pending"
+
     def _skip(self, c: Candidate) -> bool:
         if self.history.is_rejected(str(c.path), c.fingerprint):
             return True
@@ -375,6 +431,7 @@ class Daemon:
 
     def _on_candidate(self, c: Candidate) -> None:
         assert self.swapper is not None
+        self._offered = c.version
         # within: the directory source's watched folder, kept to as each file is read (None for the Hub).
         self.swapper.swap(c.path, version=c.version, source=self.config.source.kind, seen_at=c.seen_at, within=c.within)
 

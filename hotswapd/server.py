@@ -43,12 +43,16 @@ _ENDPOINTS = {
     "/v1/adapters/events": "adapters",
     "/v1/adapters/swap": "admin",
     "/v1/adapters/rollback": "admin",
+    "/v1/adapters/refresh": "admin",
     "/healthz": "health",
     "/readyz": "health",
 }
 
 
 _KEEPALIVE_S = 15.0
+# What server.listen_tcp serves: inference and health. Adapters, events and admin verbs stay on the Unix socket,
+# where SO_PEERCRED says who is asking (server.admin_uids); over TCP anyone who can connect would be asking.
+_TCP_ENDPOINTS = frozenset({"completions", "chat_completions", "models", "health"})
 
 
 @dataclass
@@ -72,12 +76,14 @@ class Server:
         describe_source: Callable[[], dict[str, Any]],
         events: EventBus,
         swap_roots: Callable[[], tuple[str, ...]] = tuple,
+        refresh: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.state, self.engine, self.swapper, self.metrics = state, engine, swapper, metrics
         self.model_id = model_id
         self.describe_source = describe_source
         self.events = events
         self.swap_roots = swap_roots
+        self.refresh = refresh
         self.inflight = 0
         self.app = web.Application(client_max_size=state.config.max_body_bytes, middlewares=[self._middleware])
         self.app.on_response_prepare.append(self._close_when_draining)
@@ -91,22 +97,27 @@ class Server:
         r.add_get("/v1/adapters/events", self.adapter_events)
         r.add_post("/v1/adapters/swap", self.admin_swap)
         r.add_post("/v1/adapters/rollback", self.admin_rollback)
+        r.add_post("/v1/adapters/refresh", self.admin_refresh)
         self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
+        self._sites: list[web.SockSite] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, tcp: socket.socket | None = None) -> None:
+        """Serve on the Unix socket ``sock`` and, with ``server.listen_tcp``, the bound TCP socket ``tcp``."""
         logging.getLogger("aiohttp.server").addFilter(_quiet_client_errors)
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
-        self._site = web.SockSite(self._runner, sock)
-        await self._site.start()
+        for listening in (sock, tcp):
+            if listening is not None:
+                site = web.SockSite(self._runner, listening)
+                await site.start()
+                self._sites.append(site)
 
     async def stop_accepting(self) -> None:
-        """Close the listening socket; connections already open are served until drained."""
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
+        """Close the listening sockets; connections already open are served until drained."""
+        sites, self._sites = self._sites, []
+        for site in sites:
+            await site.stop()
 
     async def drain(self, timeout: float) -> bool:
         """Wait for in-flight completions; True if all finished within ``timeout``."""
@@ -129,6 +140,9 @@ class Server:
         t0 = time.monotonic()
         status = 500
         try:
+            if endpoint not in _TCP_ENDPOINTS and endpoint != "other" and _over_tcp(request):
+                raise ApiError(403, f"{request.path} is served on the Unix socket only, not over server.listen_tcp",
+                               code="unix_socket_only")  # fmt: skip
             response = await handler(request)
             status = response.status
             return response
@@ -153,11 +167,17 @@ class Server:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        status, body = self.readiness()
+        return web.json_response(body, status=status, headers={"Retry-After": "5"} if status == 503 else None)
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """/readyz: 503 while loading or draining, else 200 with the live adapter (also read by the metrics
+        listener's thread: it only reads)."""
         if self.state.draining:
-            return web.json_response({"status": "draining"}, status=503)
+            return 503, {"status": "draining"}
         if not self.state.ready:
-            return web.json_response({"status": "starting"}, status=503, headers={"Retry-After": "5"})
-        return web.json_response({"status": "ready", "adapter": protocol.adapter_json(self.swapper.live)})
+            return 503, {"status": "starting"}
+        return 200, {"status": "ready", "adapter": protocol.adapter_json(self.swapper.live)}
 
     async def models(self, request: web.Request) -> web.Response:
         live = self.swapper.live
@@ -258,6 +278,21 @@ class Server:
         return web.json_response(
             {"record": protocol.record_json(record), "live": protocol.version_json(self.swapper.live)}
         )
+
+    async def admin_refresh(self, request: web.Request) -> web.Response:
+        """The source looks now (a pipeline that just pushed need not wait for the next poll or rescan).
+        Answers once the look is done, bounded by server.request_timeout_s; a version it found is then swapped
+        in as usual (watch /v1/adapters or the events)."""
+        self._require_admin(request)
+        if self.refresh is None or not self.state.ready:
+            raise ApiError(503, "the adapter source is not running yet", code="starting", headers={"Retry-After": "5"})
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.state.config.request_timeout_s):
+                looked = await loop.run_in_executor(None, self.refresh)
+        except TimeoutError as exc:
+            raise ApiError(504, "the source's look took longer than server.request_timeout_s", code="timeout") from exc
+        return web.json_response({**looked, "live": protocol.version_json(self.swapper.live)})
 
     # ---- completions ----------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -398,6 +433,11 @@ class Server:
         for r in results:
             self.metrics.generated_tokens.inc(r.completion_tokens)
             self.metrics.ttft.observe(r.time_to_first_token_s)
+
+
+def _over_tcp(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
 
 
 def _error_response(exc: ApiError) -> web.Response:

@@ -2,8 +2,13 @@
 
 A poll resolves ``revision`` to a commit sha (one API call). A sha not handled before is fetched with
 ``snapshot_download`` pinned to it, the adapter config and safetensors weights only (nothing is unpickled), into
-``cache_dir`` (Hub cache layout); its snapshot folder is offered as ``repo_id@sha``, at most once. Failures are
-logged and retried with exponential backoff and full jitter, a 429's ``Retry-After`` as a floor; none escapes.
+``cache_dir`` (Hub cache layout); its snapshot folder is offered as ``repo_id@sha``. The branch head is what
+should be live: a commit is offered once each time the revision moves to it, so moving a branch back to an
+earlier commit rolls back (a fleet's rollback is moving ``stable`` back). Polls are ``poll_seconds`` apart,
+each wait spread by ``poll_jitter`` so a fleet does not poll in lockstep. Failures are logged and retried with
+exponential backoff and full jitter, a 429's ``Retry-After`` as a floor; none escapes. A revision that is
+missing is retried within a second a few times first: moving a branch with huggingface_hub is
+``delete_branch`` then ``create_branch``, and a poll between the two must not wait out a backoff.
 
 Why it looks as it does (huggingface_hub 2.4.0):
 
@@ -36,7 +41,12 @@ from typing import Any
 
 import httpx2
 from huggingface_hub import HfApi, constants, get_cached_repo_tree, get_session, snapshot_download
-from huggingface_hub.errors import CachedRepoTreeNotFoundError, HfHubHTTPError, HFValidationError
+from huggingface_hub.errors import (
+    CachedRepoTreeNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import tqdm as hf_tqdm
 
 from hotswap_core.adapters import CONFIG_NAME, WEIGHTS_NAME
@@ -52,6 +62,9 @@ ALLOW_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME)
 EVENT_KINDS = ("poll", "error", "rate_limited")  # what on_event reports (on_poll: metrics.HUB_POLL_RESULTS)
 _MAX_BACKOFF_S = 15 * 60.0
 _STOP_WAIT_S = 5.0  # stop() waits this long for a poll in flight; a late one offers nothing
+# A missing revision (a branch between delete_branch and create_branch) is retried after 1 s, this many times in
+# a row, before the usual backoff: a promotion's gap is one HTTP round trip.
+_MISSING_REVISION_RETRIES = (3, 1.0)
 # Logged without a traceback: the Hub, the network, the disk, a malformed repo id.
 _EXPECTED = (HotswapError, OSError, httpx2.HTTPError, CachedRepoTreeNotFoundError, HFValidationError)
 
@@ -87,6 +100,7 @@ class HubSource:
         timeout_s: float = 10.0,
         jitter: Callable[[float], float] | None = None,
         keep: Callable[[], Iterable[str]] | None = None,
+        uniform: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self._config, self._cache_dir, self._timeout_s = config, Path(cache_dir), timeout_s
         self._on_candidate, self._skip = on_candidate, skip
@@ -94,15 +108,17 @@ class HubSource:
         self._on_poll = on_poll or (lambda result: None)
         self._jitter = jitter or (lambda ceiling: random.uniform(0.0, ceiling))
         self._keep = keep
+        self._uniform = uniform  # spreads each wait between polls (poll_jitter)
         self._repos: set[str] = {config.repo_id}  # repos downloaded into: their old downloads are collected too
         self._collected = False  # the first poll collects what an earlier run left
         self._cap = _TimeoutCap()
         self._poll_lock = threading.Lock()  # one poll at a time: the thread's or poll_now's
         self._lock = threading.Lock()  # the fields below, read by status()
-        self._handled: set[str] = set()  # versions offered or vetoed: never offered again
+        self._handled: str | None = None  # the head last offered or vetoed: not offered again while it stays
         self._first_seen: dict[str, float] = {}  # the pending version -> monotonic time first resolved
         self._suspect: set[str] = set()  # versions whose cached files looked wrong: re-download them
-        self._last_sha: str | None = None
+        self._last_sha: str | None = None  # the sha last handled (offered, vetoed, or seen again)
+        self._head_sha: str | None = None  # the sha the revision resolved to at the last poll that reached the Hub
         self._last_poll_at: float | None = None
         self._last_poll_mono: float | None = None
         self._last_result: str | None = None
@@ -141,7 +157,7 @@ class HubSource:
             if replace(config, poll_seconds=old.poll_seconds) != old:
                 self._due = time.monotonic()
             elif self._failures == 0 and self._last_poll_mono is not None:
-                self._due = self._last_poll_mono + config.poll_seconds
+                self._due = self._last_poll_mono + self._interval(config)
         self._wake.set()
 
     def poll_now(self) -> Candidate | None:
@@ -158,6 +174,7 @@ class HubSource:
                 "revision": c.revision,
                 "endpoint": _endpoint(c),
                 "last_sha": self._last_sha,
+                "head_sha": self._head_sha,
                 "last_poll_at": self._last_poll_at,
                 "last_result": self._last_result,
                 "last_error": self._last_error,
@@ -189,7 +206,7 @@ class HubSource:
             with self._lock:
                 if result not in ("error", "rate_limited"):
                     self._failures, self._last_error = 0, None
-                    self._due = time.monotonic() + config.poll_seconds
+                    self._due = time.monotonic() + self._interval(config)
                 self._last_result, self._last_poll_at, self._last_poll_mono = result, time.time(), time.monotonic()
             call_back(log, self._on_poll, result)
             return offered
@@ -204,11 +221,9 @@ class HubSource:
         if not info.sha:
             raise SourceError(f"the Hub named no commit for {config.repo_id}@{config.revision}")
         sha, version = info.sha, f"{config.repo_id}@{info.sha}"
-        if version in self._handled:
-            if sha != self._last_sha:
-                log.info("%s is at %s again, which was handled before; not offered again", config.revision, version)
-                with self._lock:
-                    self._last_sha = sha
+        with self._lock:
+            self._head_sha = sha
+        if version == self._handled:
             return "unchanged", None
         now = time.monotonic()
         self._first_seen = {version: self._first_seen.get(version, now)}  # a sha passed over is forgotten
@@ -216,7 +231,7 @@ class HubSource:
         folder = self._download(config, endpoint, token, sha)
         if stop is not None and stop.is_set():
             return "changed", None  # stopped meanwhile: not handled, so a restart offers it
-        self._handled.add(version)
+        self._handled = version
         with self._lock:
             self._last_sha = sha
         if folder is None:
@@ -299,6 +314,11 @@ class HubSource:
         chain = call_back(log, _versions, self._keep)
         return None if chain is None else kept_commits(chain, config.keep_versions)
 
+    def _interval(self, config: HubSourceConfig) -> float:
+        """The wait until the next poll: poll_seconds, spread by poll_jitter (uniform, same mean)."""
+        j = config.poll_jitter
+        return config.poll_seconds * self._uniform(1.0 - j, 1.0 + j) if j else config.poll_seconds
+
     def _failed(self, config: HubSourceConfig, exc: Exception) -> str:
         limited, retry_after = _rate_limit(exc)
         with self._lock:
@@ -306,6 +326,9 @@ class HubSource:
             cap = max(config.poll_seconds, _MAX_BACKOFF_S)
             ceiling = min(cap, config.poll_seconds * 2.0 ** min(self._failures, 32))
             delay = max(self._jitter(ceiling), retry_after or 0.0)
+            retries, soon = _MISSING_REVISION_RETRIES
+            if isinstance(exc, RevisionNotFoundError) and self._failures <= retries:
+                delay = min(soon, config.poll_seconds)
             self._due = time.monotonic() + delay
             self._last_error = message = _describe(exc)
             failures = self._failures

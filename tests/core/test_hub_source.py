@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,13 +95,16 @@ def make(hub: FakeHub, tmp_path: Path) -> Iterator[Callable[..., tuple[HubSource
         token_file: str | None = None,
         keep_versions: int = 3,
         cache: Path | None = None,
+        poll_jitter: float = 0.1,
         **kw: Any,
     ) -> tuple[HubSource, Sink]:
         sink = Sink()
         config = HubSourceConfig(
-            REPO, revision, poll_seconds, token_file, endpoint=hub.url, keep_versions=keep_versions
-        )
+            REPO, revision, poll_seconds, token_file, endpoint=hub.url, keep_versions=keep_versions,
+            poll_jitter=poll_jitter,
+        )  # fmt: skip
         kw.setdefault("timeout_s", TIMEOUT)
+        kw.setdefault("uniform", lambda low, high: (low + high) / 2)  # deterministic: poll_seconds exactly
         kw.setdefault("jitter", lambda ceiling: ceiling)  # deterministic: the top of the backoff window
         source = HubSource(
             config, cache or tmp_path / "cache", sink.offer, on_event=sink.event, on_poll=sink.poll, **kw
@@ -157,6 +161,7 @@ def test_first_poll_offers_the_commit_with_only_the_adapter_files(hub: FakeHub, 
         "revision": "main",
         "endpoint": hub.url,
         "last_sha": sha,
+        "head_sha": sha,
         "last_poll_at": None,
         "last_result": "changed",
         "last_error": None,
@@ -183,7 +188,7 @@ def test_unchanged_branch_offers_nothing_and_a_new_commit_is_offered(hub: FakeHu
     assert [o.fingerprint for o in sink.offers] == [first, second]
 
 
-def test_a_tag_is_followed_and_a_sha_is_never_offered_twice(hub: FakeHub, make: Any) -> None:
+def test_a_tag_is_followed_and_moving_it_back_offers_the_earlier_commit_again(hub: FakeHub, make: Any) -> None:
     v1 = hub.commit(REPO, "main", adapter_files(1))
     hub.tag(REPO, "prod", v1)
     v2 = hub.commit(REPO, "main", adapter_files(2))
@@ -192,11 +197,12 @@ def test_a_tag_is_followed_and_a_sha_is_never_offered_twice(hub: FakeHub, make: 
     assert source.poll_now() is not None and sink.offers[-1].fingerprint == v1
     hub.tag(REPO, "prod", v2)
     assert source.poll_now() is not None and sink.offers[-1].fingerprint == v2
-    hub.tag(REPO, "prod", v1)  # moved back: v1 was offered already
-    assert source.poll_now() is None
-    assert [o.fingerprint for o in sink.offers] == [v1, v2]
-    assert sink.polls == ["changed", "changed", "unchanged"]
-    assert source.status()["last_sha"] == v1
+    assert source.poll_now() is None  # still at v2: offered once, not at every poll
+    hub.tag(REPO, "prod", v1)  # moved back: the head is what should be live (a fleet's rollback)
+    assert source.poll_now() is not None and source.poll_now() is None
+    assert [o.fingerprint for o in sink.offers] == [v1, v2, v1]
+    assert sink.polls == ["changed", "changed", "unchanged", "changed", "unchanged"]
+    assert source.status()["last_sha"] == v1 == source.status()["head_sha"]
 
 
 def test_skip_vetoes_an_offer_once(hub: FakeHub, make: Any) -> None:
@@ -252,6 +258,37 @@ def test_backoff_is_capped_and_jittered_by_default(hub: FakeHub, make: Any) -> N
         delays.append(jittered.status()["next_poll_in_s"])
     assert all(0 <= d <= c for d, c in zip(delays, [200, 400, 800, 900, 900], strict=True))
     assert len(set(delays)) > 1
+
+
+def test_polls_are_spread_by_poll_jitter_around_poll_seconds(hub: FakeHub, make: Any) -> None:
+    hub.commit(REPO, "main", adapter_files(1))
+    source, _ = make(poll_seconds=10.0, uniform=random.uniform)
+    waits = []
+    for _ in range(40):
+        source.poll_now()
+        waits.append(source.status()["next_poll_in_s"])
+    assert all(8.9 <= w <= 11.0 for w in waits), waits  # 10 s +- 10 % (poll_jitter 0.1)
+    assert max(waits) - min(waits) > 0.5  # spread, not lockstep
+    assert 9.5 <= sum(waits) / len(waits) <= 10.5  # the mean stays poll_seconds
+
+    steady, _ = make(poll_seconds=10.0, poll_jitter=0.0, uniform=random.uniform)
+    steady.poll_now()
+    assert steady.status()["next_poll_in_s"] == pytest.approx(10.0, abs=0.05)
+
+
+def test_a_missing_revision_is_retried_within_a_second_then_backs_off(hub: FakeHub, make: Any) -> None:
+    """A branch being moved (delete_branch, then create_branch) is missing for one round trip."""
+    hub.commit(REPO, "main", adapter_files(1))
+    ceilings: list[float] = []
+    source, sink = make(revision="stable", poll_seconds=30.0, jitter=recording(ceilings))
+    for _ in range(3):
+        assert source.poll_now() is None
+        assert source.status()["next_poll_in_s"] == pytest.approx(1.0, abs=0.1)
+        assert "RevisionNotFound" in (source.status()["last_error"] or "") or "stable" in source.status()["last_error"]
+    source.poll_now()  # still missing: a wrong revision in the config, not a promotion; the usual backoff
+    assert source.status()["next_poll_in_s"] == pytest.approx(ceilings[-1], abs=0.2) and ceilings[-1] == 480.0
+    sha = hub.commit(REPO, "stable", adapter_files(2))
+    assert source.poll_now() is not None and sink.offers[-1].fingerprint == sha
 
 
 def test_rate_limited_waits_at_least_retry_after(hub: FakeHub, make: Any) -> None:
