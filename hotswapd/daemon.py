@@ -244,6 +244,8 @@ class Daemon:
         engine.start()
         if not await self._in_thread(self._choose_first_version):
             return
+        if self.config.source.kind == "hub" and not await self._in_thread(self._first_hub_poll):
+            return
         self._start_source()
         self.state.ready = True
         if self._socket_passed:
@@ -358,6 +360,15 @@ class Daemon:
             return
         log.info("no adapter to serve: serving the base model (zero adapter)")
 
+    def _first_hub_poll(self) -> None:
+        """Before READY, look at the branch once: a new replica of a fleet (empty state) must not take traffic on
+        the base model or an older version while its cohort serves the branch head. Bounded: each request by
+        the source's timeout; a Hub that does not answer leaves what _choose_first_version picked, and the
+        poll thread keeps trying."""
+        hub = self.config.source.hub
+        log.info("first look at %s@%s before ready", hub.repo_id, hub.revision)
+        self._hub().poll_now()
+
     # ---- the source -----------------------------------------------------------------------------
     def _directory(self) -> DirectorySource:
         if not isinstance(self.source, DirectorySource):
@@ -378,8 +389,13 @@ class Daemon:
             log.info("watching %s", self.config.source.directory.path)
         elif kind == "hub":
             hub = self.config.source.hub
+            self._hub().start()
+            log.info("watching %s at %s on %s", hub.repo_id, hub.revision, hub.endpoint or "the Hugging Face Hub")
+
+    def _hub(self) -> HubSource:
+        if not isinstance(self.source, HubSource):
             self.source = HubSource(
-                hub,
+                self.config.source.hub,
                 hub_cache_dir(self.config.state_dir),
                 self._on_candidate,
                 skip=self._skip,
@@ -388,8 +404,7 @@ class Daemon:
                 keep=lambda: [v.version for v in list(self.history.chain)],  # the rest of the cache is deleted
             )
             self.metrics.watch_source("hub", HUB_EVENT_KINDS)
-            self.source.start()
-            log.info("watching %s at %s on %s", hub.repo_id, hub.revision, hub.endpoint or "the Hugging Face Hub")
+        return self.source
 
     def refresh(self) -> dict[str, Any]:
         """``POST /v1/adapters/refresh``: the source looks now, on the caller's thread (a version it finds is

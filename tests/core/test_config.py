@@ -38,9 +38,16 @@ def test_minimal_config_gets_defaults() -> None:
     assert c.adapter.target_modules == ("q_proj", "v_proj")
     assert c.source.directory.settle_seconds == 1.0
     assert c.metrics.listen == "127.0.0.1:9464"  # loopback by default
+    assert c.server.listen_tcp is None  # inference over TCP only when asked for
+    assert c.source.hub.poll_jitter == 0.1
     assert c.validation.allow_pickle is False
     with pytest.raises(AttributeError):
         c.model.path = "x"  # type: ignore[misc]  # frozen
+
+
+def test_listeners_may_be_any_host_when_asked_for() -> None:
+    c = config_from_dict(with_({"metrics": {"listen": "0.0.0.0:9464"}, "server": {"listen_tcp": "[::]:8000"}}))
+    assert (c.metrics.listen, c.server.listen_tcp) == ("0.0.0.0:9464", "[::]:8000")  # a pod: probes and scrapes
 
 
 def test_wrong_type_names_the_key_path() -> None:
@@ -64,6 +71,13 @@ def test_unknown_keys_are_errors_with_their_path() -> None:
         ({"model": {"max_batch_size": True}}, "model.max_batch_size: expected an integer, got True"),
         ({"metrics": {"listen": "9464"}}, "metrics.listen: expected HOST:PORT"),
         ({"source": {"kind": "hub"}}, "source.hub.repo_id: required"),
+        (
+            {"server": {"listen_tcp": "8000"}},
+            "server.listen_tcp: expected HOST:PORT such as 127.0.0.1:8000, got '8000'",
+        ),
+        ({"server": {"listen_tcp": "[::1]:99999"}}, "server.listen_tcp: expected HOST:PORT"),
+        ({"source": {"hub": {"poll_jitter": 1.0}}}, "source.hub.poll_jitter: must be >= 0 and < 1"),
+        ({"source": {"hub": {"poll_jitter": -0.1}}}, "source.hub.poll_jitter: must be >= 0 and < 1"),
     ],
 )
 def test_impossible_values(override: dict, expected: str) -> None:

@@ -67,6 +67,23 @@ def metric(text: str, series: str) -> float | None:
     return None
 
 
+def listening_tcp_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on: its socket fds matched against /proc's tcp tables (proc(5))."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def drop_adapter(src: Path, watched: Path, name: str) -> Path:
     """The recommended producer protocol: copy into a dot-folder, then rename() it in."""
     staging = watched / f".tmp-{name}"

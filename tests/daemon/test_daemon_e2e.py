@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from hotswapd.client import ClientError
 from hotswapd.demo import BROKEN_REASONS, DemoAssets
 
 from ..conftest import run_cli
-from .harness import DaemonProcess, drop_adapter, running_daemon, wait_until, write_config
+from .harness import DaemonProcess, drop_adapter, listening_tcp_ports, running_daemon, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -259,6 +260,26 @@ def test_client_verbs(daemon: DaemonProcess, demo_assets: DemoAssets, cli_env: d
     assert human.returncode == 0 and "live:      again" in human.stdout and "non_finite" in human.stdout
     missing = cli("status", "--socket", str(daemon.sock) + ".nope")
     assert missing.returncode == 3 and "no hotswapd socket" in missing.stderr
+
+
+def test_refresh_looks_now_and_nothing_but_metrics_listens_on_tcp_by_default(
+    daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path, cli_env: dict[str, str]
+) -> None:
+    env = {**cli_env, "HOTSWAPD_SOCKET": str(daemon.sock)}
+    refreshed = subprocess.run(run_cli("refresh", "--json"), capture_output=True, text=True, timeout=120, env=env)
+    assert refreshed.returncode == 0, refreshed.stderr
+    answer = json.loads(refreshed.stdout)
+    assert answer["source"] == "directory" and answer["live"]["version"] == daemon.live()
+    human = subprocess.run(run_cli("refresh"), capture_output=True, text=True, timeout=120, env=env)
+    assert human.returncode == 0 and "looked: directory" in human.stdout and "live is" in human.stdout
+
+    # server.listen_tcp is off by default: the metrics listener is the only TCP socket, and it answers the probes.
+    metrics_port = int(daemon.metrics_url.rsplit(":", 1)[1].split("/")[0])
+    assert listening_tcp_ports(daemon.proc.pid) == {metrics_port}
+    base = daemon.metrics_url.rsplit("/", 1)[0]
+    for path, status in (("/healthz", "ok"), ("/readyz", "ready")):
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            assert response.status == 200 and json.loads(response.read())["status"] == status
 
 
 def test_second_daemon_on_the_live_socket_refuses(daemon: DaemonProcess, cli_env: dict[str, str]) -> None:

@@ -1,0 +1,193 @@
+"""What a pod needs from one real ``hotswapd run``: probes on the metrics listener (503 while warming, 200 once
+ready), ``server.listen_tcp`` serving inference to the real ``openai`` client while refusing every admin verb,
+``hotswapd refresh`` making a Hub source look now, and the gauges fleet routers and alerts read."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from hotswapd.demo import DemoAssets
+from tests.fakehub import FakeHub
+
+from ..conftest import run_cli
+from .harness import START_TIMEOUT, DaemonProcess, listening_tcp_ports, metric, wait_until, write_config
+
+pytestmark = pytest.mark.slow
+REPO = "acme/support-adapters"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _post_tcp(port: int, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=json.dumps(body or {}).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def fleet_member(
+    demo_assets: DemoAssets, cli_env: dict[str, str]
+) -> Iterator[tuple[DaemonProcess, FakeHub, int, list[tuple[int, str]], str]]:
+    """A daemon on a Hub branch polled every 10 minutes (so only refresh makes it look), with listen_tcp on.
+    Also yields the /readyz answers the metrics port gave from its first moment until ready."""
+    with FakeHub() as hub, tempfile.TemporaryDirectory(prefix="hs-pod-", dir="/tmp") as d:
+        work, tcp_port = Path(d), _free_port()
+        first = hub.commit(REPO, "main", _files(demo_assets.alpha))
+        config = write_config(
+            demo_assets, work, work / "s.sock",
+            **{"adapter.initial": None, "source.kind": "hub", "server.listen_tcp": f"127.0.0.1:{tcp_port}",
+               "source.hub": {"repo_id": REPO, "revision": "main", "poll_seconds": 600, "endpoint": hub.url}},
+        )  # fmt: skip
+        env = {k: v for k, v in cli_env.items() if not k.startswith(("HF_TOKEN", "HF_HUB_CACHE", "HF_HUB_OFFLINE"))}
+        proc = DaemonProcess(config, work / "s.sock", work / "d.log", env)
+        try:
+            url = wait_until(lambda: re.search(r"metrics on (http://\S+)/metrics", proc.log), 120, "the metrics line")[
+                1
+            ]
+            answers: list[tuple[int, str]] = []
+
+            def ready() -> bool:
+                assert proc.proc.poll() is None, proc.log[-3000:]
+                status, body = _get(url + "/readyz")
+                if not answers or answers[-1] != (status, body["status"]):
+                    answers.append((status, body["status"]))
+                if status == 503:  # alive while warming: liveness must not kill a pod that compiles
+                    assert _get(url + "/healthz") == (200, {"status": "ok"})
+                return status == 200
+
+            wait_until(ready, START_TIMEOUT, "/readyz on the metrics port to answer 200", interval=0.1)
+            yield proc, hub, tcp_port, answers, first
+        finally:
+            print(proc.log[-3000:])
+            assert proc.stop() == 0
+
+
+def test_readyz_on_the_metrics_port_is_503_while_warming_and_200_once_ready(
+    fleet_member: tuple[DaemonProcess, FakeHub, int, list[tuple[int, str]], str],
+) -> None:
+    proc, _, _, answers, first = fleet_member
+    assert answers[0] == (503, "starting") and answers[-1] == (200, "ready"), answers
+    base = proc.metrics_url.rsplit("/", 1)[0]
+    status, body = _get(base + "/readyz")
+    assert status == 200 and body["adapter"]["version"] == f"{REPO}@{first}"  # the same answer as on the socket
+    assert body == proc.client.get("/readyz")
+
+
+def test_listen_tcp_serves_inference_to_the_openai_client_and_refuses_admin_verbs(
+    fleet_member: tuple[DaemonProcess, FakeHub, int, list[tuple[int, str]], str], demo_assets: DemoAssets
+) -> None:
+    proc, _, port, _, first = fleet_member
+    metrics_port = int(proc.metrics_url.rsplit(":", 1)[1].split("/")[0])
+    assert listening_tcp_ports(proc.proc.pid) == {metrics_port, port}
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    answer = client.completions.create(model=model, prompt="Hello =>", max_tokens=8, temperature=0)
+    assert answer.choices[0].text.startswith(" alpha")
+
+    for path, body in (("/v1/adapters/swap", {"path": str(demo_assets.bravo)}), ("/v1/adapters/rollback", None),
+                       ("/v1/adapters/refresh", None)):  # fmt: skip
+        status, error = _post_tcp(port, path, body)
+        assert status == 403 and error["error"]["code"] == "unix_socket_only", (path, error)
+    status, error = _get(f"http://127.0.0.1:{port}/v1/adapters")
+    assert status == 403 and error["error"]["code"] == "unix_socket_only"
+    assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    assert proc.live() == f"{REPO}@{first}"  # nothing the TCP side asked for happened
+
+
+def test_refresh_makes_the_hub_source_look_now_and_head_info_follows(
+    fleet_member: tuple[DaemonProcess, FakeHub, int, list[tuple[int, str]], str],
+    demo_assets: DemoAssets,
+    cli_env: dict[str, str],
+) -> None:
+    proc, hub, _, _, first = fleet_member
+
+    def head() -> dict[str, str]:
+        found = re.findall(r'hotswapd_source_head_info\{state="(\w+)",version="([^"]+)"\} 1', proc.metrics())
+        assert len(found) == 1, found
+        return {"state": found[0][0], "version": found[0][1]}
+
+    def refresh() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            run_cli("refresh", "--socket", str(proc.sock)), capture_output=True, text=True, timeout=120, env=cli_env
+        )
+
+    assert head() == {"state": "live", "version": f"{REPO}@{first}"}
+    good = hub.commit(REPO, "main", _files(demo_assets.bravo))
+    out = refresh()  # the next poll is 10 minutes away: only the refresh can find it
+    assert out.returncode == 0 and f"offered {REPO}@{good}" in out.stdout, out.stdout + out.stderr
+    assert proc.live() == f"{REPO}@{good}"  # the answer comes once the look (and the swap it started) is done
+    assert head() == {"state": "live", "version": f"{REPO}@{good}"}
+
+    broken = hub.commit(REPO, "main", _files(demo_assets.broken["non_finite"]))
+    out = refresh()
+    assert out.returncode == 0 and f"offered {REPO}@{broken}" in out.stdout
+    assert head() == {"state": "rejected", "version": f"{REPO}@{broken}"}  # a cohort stuck on it alerts on this
+    assert proc.live() == f"{REPO}@{good}" and proc.complete()["choices"][0]["text"].startswith(" bravo")
+    again = json.loads(
+        subprocess.run(run_cli("refresh", "--json", "--socket", str(proc.sock)), capture_output=True, text=True,
+                       timeout=120, env=cli_env).stdout
+    )  # fmt: skip
+    assert again["result"] == "unchanged" and again["offered"] is None and again["sha"] == broken
+
+
+def test_kv_cache_usage_rises_while_generating_and_falls_back_to_zero(
+    fleet_member: tuple[DaemonProcess, FakeHub, int, list[tuple[int, str]], str],
+) -> None:
+    proc = fleet_member[0]
+    usage = "hotswapd_kv_cache_usage_ratio"
+    assert metric(proc.metrics(), usage) == 0.0
+    stop = threading.Event()
+
+    def generate() -> None:
+        while not stop.is_set():  # back to back, so that some scrapes land mid-batch
+            proc.complete(prompt="Hello => " * 8, max_tokens=64)
+
+    workers = [threading.Thread(target=generate, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        peak = wait_until(lambda: metric(proc.metrics(), usage), 60, "a scrape to see the running batch's KV cache")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(120)
+    assert 0 < peak <= 1
+    wait_until(lambda: metric(proc.metrics(), usage) == 0.0, 10, "the gauge back at 0 once idle")
+    print(f"[probes] hotswapd_kv_cache_usage_ratio mid-generation: {peak:.4f}", file=sys.__stderr__)
