@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--json", metavar="OUT", help="also write every figure to OUT as JSON")
     v.add_argument("--workdir", help=argparse.SUPPRESS)  # keep the adapters, configs and daemon logs there
     v.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds, no compile: for the test
+    v.add_argument("--fleet", action="store_true", help="instead: fleet convergence (a branch moved -> live on all)")
+    v.add_argument("--replicas", type=int, default=3, help="--fleet: replicas following the branch (default 3)")
+    v.add_argument("--promotions", type=int, default=10, help="--fleet: branch moves to measure (default 10)")
+    v.add_argument("--poll-seconds", type=float, default=5.0, help="--fleet: source.hub.poll_seconds (default 5)")
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
@@ -108,6 +112,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2"):  # huggingface_hub's HTTP stack: a line per request
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,13 +255,31 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.log_level == "INFO":  # hundreds of in-process swaps would each log a line; DEBUG shows them
         logging.getLogger("hotswapd").setLevel(logging.WARNING)
-    mode: Mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     workdir = Path(args.workdir).absolute() if args.workdir else None
+    if args.fleet:
+        return _bench_fleet(args, workdir)
+    mode: Mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     config = BenchConfig.preset(mode, model=args.model, workdir=workdir)
     result = run_bench(config, progress=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     print(result.table)
     if args.json:
         Path(args.json).write_text(result.to_json() + "\n")
+        print(f"\nevery figure: {args.json}")
+    return EXIT_OK
+
+
+def _bench_fleet(args: argparse.Namespace, workdir: Path | None) -> int:
+    from hotswapd.bench.fleet import run_fleet_bench
+    from hotswapd.bench.report import finite_or_null
+
+    started = time.perf_counter()
+    figures = run_fleet_bench(
+        args.model, args.replicas, args.promotions, args.poll_seconds, workdir,
+        say=lambda line: print(f"bench: [{time.perf_counter() - started:5.0f} s] {line}", file=sys.stderr, flush=True),
+    )  # fmt: skip
+    print(figures.pop("table"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(finite_or_null(figures), indent=2) + "\n")
         print(f"\nevery figure: {args.json}")
     return EXIT_OK
 

@@ -21,7 +21,7 @@ from hotswap_core.config import HubSourceConfig
 from hotswap_core.metrics import HUB_POLL_RESULTS
 from hotswap_core.sources.directory import Candidate
 from hotswap_core.sources.hub import EVENT_KINDS, HubSource, hub_cache_dir
-from tests.fakehub import FakeHub
+from hotswapd.bench.fakehub import FakeHub
 from tests.tmpfs import fill, small_fs
 
 REPO = "acme/support-lora"

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from hotswapd.bench.fakehub import FakeHub
 from hotswapd.client import ClientError
 from hotswapd.demo import DemoAssets
-from tests.fakehub import FakeHub
 from tests.tmpfs import fill, small_fs
 
 from .harness import drop_adapter, metric, running_daemon, wait_until, write_config

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from hotswapd.bench.fakehub import FakeHub
 from hotswapd.demo import DemoAssets
-from tests.fakehub import FakeHub
 
 from .harness import DaemonProcess, wait_until, write_config
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import tempfile
 import threading
@@ -21,6 +20,7 @@ from hotswapd.client import _UnixConnection
 from hotswapd.demo import DemoAssets
 
 from .harness import DaemonProcess, drop_adapter, metric, wait_until, write_config
+from .prometheus import Prometheus
 
 pytestmark = pytest.mark.slow
 
@@ -139,38 +139,14 @@ def test_openmetrics_on_request_and_loopback_only(daemon: DaemonProcess) -> None
 
 def test_a_real_prometheus_scrapes_the_daemon(daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path) -> None:
     target = urllib.parse.urlsplit(daemon.metrics_url).netloc
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = workdir / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"scrape_configs:\n  - job_name: hotswapd\n    static_configs: [{{targets: ['{target}']}}]\n"
-    )
-    prom = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    api = f"http://127.0.0.1:{port}/api/v1/query?query="
-
-    def query(q: str) -> list[dict[str, Any]]:
-        try:
-            body, _ = _get(api + urllib.parse.quote(q))
-        except OSError:
-            return []
-        return json.loads(body)["data"]["result"]
-
+    prom = Prometheus(workdir / "prometheus", [(target, {})])
     try:
         drop_adapter(demo_assets.alpha, workdir / "adapters", "alpha-2")
         wait_until(lambda: daemon.live() == "alpha-2", 10, "alpha-2 to go live")
-        found = wait_until(
-            lambda: query('hotswapd_adapter_info{version="alpha-2"}'), 60, "Prometheus to scrape alpha-2"
-        )
+        found = prom.wait('hotswapd_adapter_info{version="alpha-2"}', 60, "Prometheus to scrape alpha-2")
         assert found[0]["metric"]["source"] == "directory" and found[0]["value"][1] == "1"
-        success = wait_until(lambda: query('hotswapd_swaps_total{result="success"} >= 1'), 30, "the swap counter")
+        success = prom.wait('hotswapd_swaps_total{result="success"} >= 1', 30, "the swap counter")
         assert float(success[0]["value"][1]) >= 1
     finally:
-        prom.terminate()
-        _, err = prom.communicate(timeout=30)
-    assert prom.returncode == 0, err[-2000:]
+        rc = prom.stop()
+    assert rc == 0, prom.log_path.read_text()[-2000:]

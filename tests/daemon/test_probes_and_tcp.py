@@ -20,8 +20,8 @@ from typing import Any
 import openai
 import pytest
 
+from hotswapd.bench.fakehub import FakeHub
 from hotswapd.demo import DemoAssets
-from tests.fakehub import FakeHub
 
 from ..conftest import run_cli
 from .harness import START_TIMEOUT, DaemonProcess, listening_tcp_ports, metric, wait_until, write_config

@@ -10,6 +10,15 @@ What ``HfApi.model_info`` and ``snapshot_download`` send (read from the library 
   ``X-Linked-Size`` for LFS files), ``Content-Length``.
 * ``GET  /{repo_id}/resolve/{sha}/{path}``: the bytes; honours ``Range: bytes=N-`` (the client resumes with it).
 
+And what a release pipeline calls to move a branch (``HfApi.create_branch``, ``delete_branch``, ``list_repo_refs``):
+
+* ``POST   /api/models/{repo_id}/branch/{branch}`` with JSON ``{"startingPoint": revision}`` (optional: the
+  default branch's head): 409 if the branch exists. Promoting = ``delete_branch`` + ``create_branch(revision=sha)``.
+* ``DELETE /api/models/{repo_id}/branch/{branch}``: 404 if there is no such branch.
+* ``GET    /api/models/{repo_id}/refs``: branches and tags with their target commits.
+
+Writes are not authenticated: this stand-in serves one test or one benchmark on loopback.
+
 Repos are branch/tag name -> commit sha -> {path: bytes}. Faults apply to the next matching requests, in the order
 they were added: ``"500"``, ``"429"`` (with ``Retry-After``), ``"stall"`` (read the request, answer nothing for
 ``stall_s`` or until ``close()``, then drop the connection) and ``"truncate"`` (declare the full ``Content-Length``,
@@ -56,6 +65,7 @@ class Fault:
 class _Repo:
     refs: dict[str, str] = field(default_factory=dict)  # branch or tag -> sha
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> files
+    tags: set[str] = field(default_factory=set)  # which refs are tags (the rest are branches)
 
 
 class FakeHub:
@@ -118,6 +128,13 @@ class FakeHub:
             repo = self.repos[repo_id]
             assert sha in repo.commits, sha
             repo.refs[name] = sha
+            repo.tags.add(name)
+
+    def head(self, repo_id: str, ref: str) -> str | None:
+        """The commit ``ref`` points to now, or None."""
+        with self._lock:
+            repo = self.repos.get(repo_id)
+            return repo.refs.get(ref) if repo else None
 
     def fail(
         self,
@@ -188,6 +205,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._serve()
 
+    def do_POST(self) -> None:
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        self._serve()
+
     def _serve(self) -> None:
         split = urlsplit(self.path)
         path = unquote(split.path)
@@ -201,6 +224,8 @@ class _Handler(BaseHTTPRequestHandler):
             extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
             message = "Internal Error" if fault.kind == "500" else "Too Many Requests"
             return self._json(int(fault.kind), {"error": message}, extra)
+        if self.command in ("POST", "DELETE") or path.endswith("/refs"):
+            return self._refs(path)
         route = self._route(split.path)
         if route is None:
             return self._json(404, {"error": f"no route {path}"}, {"X-Error-Code": "EntryNotFound"})
@@ -220,6 +245,48 @@ class _Handler(BaseHTTPRequestHandler):
                 404, {"error": "entry not found"}, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}
             )
         self._file(sha, file_path, files[file_path], fault)
+
+    def _refs(self, path: str) -> None:
+        """Branch create/delete and the refs listing (``api/models/{ns}/{name}/branch/{branch}`` or ``.../refs``)."""
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        parts = path.strip("/").split("/")
+        if parts[:2] != ["api", "models"] or len(parts) < 5:
+            return self._json(404, {"error": f"no route {path}"}, {})
+        repo_id = f"{parts[2]}/{parts[3]}"
+        fake = self.fake
+        with fake._lock:
+            repo = fake.repos.get(repo_id)
+            if repo is None:
+                return self._json(404, {"error": f"RepoNotFound: {repo_id}"}, {"X-Error-Code": "RepoNotFound"})
+            if parts[4:] == ["refs"] and self.command == "GET":
+
+                def ref(name: str, kind: str) -> dict[str, str]:
+                    return {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": repo.refs[name]}
+
+                listing = {
+                    "branches": [ref(n, "heads") for n in sorted(repo.refs) if n not in repo.tags],
+                    "tags": [ref(n, "tags") for n in sorted(repo.tags)],
+                    "converts": [],
+                    "pullRequests": [],
+                }
+                return self._json(200, listing, {})
+            if len(parts) != 6 or parts[4] != "branch":
+                return self._json(404, {"error": f"no route {path}"}, {})
+            branch = parts[5]
+            if self.command == "DELETE":
+                if branch not in repo.refs or branch in repo.tags:
+                    return self._json(404, {"error": f"Invalid rev id: {branch}"}, {"X-Error-Code": "RevisionNotFound"})
+                del repo.refs[branch]
+                return self._json(200, {}, {})
+            if branch in repo.refs:
+                return self._json(409, {"error": f"Reference already exists: refs/heads/{branch}"}, {})
+            start = json.loads(body or b"{}").get("startingPoint") or "main"
+            sha = repo.refs.get(start, start)
+            if sha not in repo.commits:
+                return self._json(400, {"error": f"Invalid rev id: {start}"}, {"X-Error-Code": "RevisionNotFound"})
+            repo.refs[branch] = sha
+            return self._json(200, {}, {})
 
     @staticmethod
     def _route(raw_path: str) -> tuple[str, str, str, str] | None:
