@@ -219,6 +219,7 @@ class Daemon:
             events=self.events,
             swap_roots=lambda: swap_roots(self.config),
             refresh=self.refresh,
+            serve_metrics=self.config.metrics.enabled,
         )
         if self._socket_passed:
             # systemd's socket: connections wait in its backlog until we are ready, so clients queue

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client.exposition import choose_encoder
 
 from hotswap_core.config import ServerConfig
 from hotswap_core.engine import Engine, EngineBusy, EngineStopped
@@ -46,13 +47,14 @@ _ENDPOINTS = {
     "/v1/adapters/refresh": "admin",
     "/healthz": "health",
     "/readyz": "health",
+    "/metrics": "metrics",
 }
 
 
 _KEEPALIVE_S = 15.0
 # What server.listen_tcp serves: inference and health. Adapters, events and admin verbs stay on the Unix socket,
 # where SO_PEERCRED says who is asking (server.admin_uids); over TCP anyone who can connect would be asking.
-_TCP_ENDPOINTS = frozenset({"completions", "chat_completions", "models", "health"})
+_TCP_ENDPOINTS = frozenset({"completions", "chat_completions", "models", "health", "metrics"})
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Server:
         events: EventBus,
         swap_roots: Callable[[], tuple[str, ...]] = tuple,
         refresh: Callable[[], dict[str, Any]] | None = None,
+        serve_metrics: bool = True,
     ) -> None:
         self.state, self.engine, self.swapper, self.metrics = state, engine, swapper, metrics
         self.model_id = model_id
@@ -98,6 +101,10 @@ class Server:
         r.add_post("/v1/adapters/swap", self.admin_swap)
         r.add_post("/v1/adapters/rollback", self.admin_rollback)
         r.add_post("/v1/adapters/refresh", self.admin_refresh)
+        if serve_metrics:
+            # Also here, not only on metrics.listen: a fleet router scrapes the port it routes to (the Gateway
+            # API Inference Extension's endpoint picker reads /metrics on the InferencePool's target port).
+            r.add_get("/metrics", self.exposition)
         self._runner: web.AppRunner | None = None
         self._sites: list[web.SockSite] = []
 
@@ -163,6 +170,12 @@ class Server:
             self.metrics.request_duration.labels(endpoint).observe(time.monotonic() - t0)
 
     # ---- health and info ------------------------------------------------------------------------
+    async def exposition(self, request: web.Request) -> web.Response:
+        """GET /metrics: the same registry as the metrics listener, in the format the scraper asks for."""
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = await asyncio.get_running_loop().run_in_executor(None, encoder, self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 

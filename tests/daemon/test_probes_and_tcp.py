@@ -34,6 +34,10 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
 
 
+def _sha256(proc: DaemonProcess) -> str:
+    return str(proc.client.get("/v1/adapters")["live"]["sha256"])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,6 +133,15 @@ def test_listen_tcp_serves_inference_to_the_openai_client_and_refuses_admin_verb
     assert status == 403 and error["error"]["code"] == "unix_socket_only"
     assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200
     assert proc.live() == f"{REPO}@{first}"  # nothing the TCP side asked for happened
+
+    # What a fleet router's endpoint picker scrapes on the port it routes to (GIE: the InferencePool target port).
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    for series in ("hotswapd_queue_depth", "hotswapd_inflight_requests", "hotswapd_kv_cache_usage_ratio"):
+        assert metric(text, series) is not None, series
+    assert metric(text, f'hotswapd_adapter_info{{sha256="{_sha256(proc)}",source="hub",version="{REPO}@{first}"}}') == 1
+    assert metric(text, 'hotswapd_requests_total{code="200",endpoint="completions"}') is not None
 
 
 def test_refresh_makes_the_hub_source_look_now_and_head_info_follows(
