@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hotswap_core.detokenize import IncrementalDetokenizer
 from hotswap_core.slots import AdapterVersion
 
 log = logging.getLogger("hotswapd.engine")
@@ -28,10 +29,17 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_k: int = 0  # 0 = off; else sample among the k most likely tokens
+    min_tokens: int = 0  # EOS cannot be sampled and stop strings do not end the text before this many tokens
+    ignore_eos: bool = False  # EOS is a token like any other: generate max_tokens (load generators use it)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -80,12 +88,14 @@ class RowState:
         self.request = request
         self.params = request.params
         self.prompt_ids = prompt_ids
-        self._decode = decode
-        self._eos_ids = eos_ids
+        self._detok = IncrementalDetokenizer(decode)
+        self.eos_ids = frozenset() if self.params.ignore_eos else eos_ids
         self.ids: list[int] = []
         self.text = ""
+        self._longest_stop = max((len(s) for s in self.params.stop), default=0)
         self._emitted = 0
         self.finish_reason: str | None = None
+        self._stopped = False  # a stop string ended the text
         self.first_token_at: float | None = None
         self.generator: torch.Generator | None = None
         if self.params.temperature > 0:
@@ -105,20 +115,31 @@ class RowState:
         if self.request.cancelled.is_set():
             self.finish_reason = "cancelled"
             return
-        if token_id in self._eos_ids:
+        if token_id in self.eos_ids:
             self.finish_reason = "stop"
+            self._append(self._detok.finish())
             self._emit(final=True)
             return
         self.ids.append(token_id)
-        self.text = self._decode(self.ids)
-        for stop in self.params.stop:
-            at = self.text.find(stop)
-            if at != -1:
-                self.text = self.text[:at]
-                self.finish_reason = "stop"
+        self._append(self._detok.push(token_id))
         if self.finish_reason is None and len(self.ids) >= self.params.max_tokens:
             self.finish_reason = "length"
+            self._append(self._detok.finish())
         self._emit(final=self.done)
+
+    def _append(self, delta: str) -> None:
+        """Extend the text; a stop string is looked for only where it could newly end (incremental)."""
+        if not delta or self._stopped:
+            return
+        start = max(0, len(self.text) - self._longest_stop + 1)
+        self.text += delta
+        if not self.params.stop or len(self.ids) < self.params.min_tokens:
+            return
+        tail = self.text[start:]
+        found = [at for at in (tail.find(stop) for stop in self.params.stop) if at != -1]
+        if found:
+            self.text = self.text[: start + min(found)]
+            self.finish_reason, self._stopped = "stop", True
 
     def _emit(self, final: bool) -> None:
         if self.request.on_text is None:
@@ -141,6 +162,11 @@ class RowState:
 
 def sample(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
     """Pick the next token per row. logits: [B, V] (any device/dtype); greedy rows use argmax."""
+    early = [(i, sorted(r.eos_ids)) for i, r in enumerate(rows) if r.eos_ids and len(r.ids) < r.params.min_tokens]
+    if early:  # min_tokens: EOS cannot be picked yet
+        logits = logits.clone()
+        for i, eos in early:
+            logits[i, eos] = float("-inf")
     greedy = logits.argmax(dim=-1).tolist()
     out: list[int] = []
     for i, row in enumerate(rows):
@@ -151,6 +177,9 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
         # float64 and shifted by the max (softmax does not change): with a tiny temperature x / t overflows
         # to inf (or t itself rounds to 0 in float32), softmax then yields NaN and multinomial fails the batch.
         row_logits = logits[i].double().cpu()  # [V]
+        if 0 < p.top_k < row_logits.numel():
+            kth = row_logits.topk(p.top_k).values[-1]
+            row_logits = row_logits.masked_fill(row_logits < kth, float("-inf"))
         probs = torch.softmax((row_logits - row_logits.max()) / p.temperature, dim=-1)  # [V]
         if p.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)

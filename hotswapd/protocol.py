@@ -187,12 +187,22 @@ def _params(
             "context_length_exceeded",
         )
     seed = _int(body, "seed", None, -(2**63), 2**64 - 1)
+    top_k = _int(body, "top_k", 0, -1, 2**31 - 1)  # vLLM's extension; -1 and 0: off
+    min_tokens = _int(body, "min_tokens", 0, 0, max_tokens)  # vLLM's extension
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension
+    if ignore_eos is None:
+        ignore_eos = False
+    if not isinstance(ignore_eos, bool):
+        raise bad("ignore_eos must be true or false", "ignore_eos")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_lo=True),
         seed=None if seed is None else seed & (2**63 - 1),
         stop=_stop(body),
+        top_k=max(0, top_k or 0),
+        min_tokens=min_tokens or 0,
+        ignore_eos=ignore_eos,
     )
 
 

@@ -46,6 +46,7 @@ _ENDPOINTS = {
     "/v1/adapters/rollback": "admin",
     "/v1/adapters/refresh": "admin",
     "/healthz": "health",
+    "/health": "health",
     "/readyz": "health",
     "/metrics": "metrics",
 }
@@ -92,6 +93,7 @@ class Server:
         self.app.on_response_prepare.append(self._close_when_draining)
         r = self.app.router
         r.add_get("/healthz", self.healthz)
+        r.add_get("/health", self.healthz)  # vLLM's name for it: what load generators and routers written for vLLM call
         r.add_get("/readyz", self.readyz)
         r.add_get("/v1/models", self.models)
         r.add_post("/v1/completions", self.completions)

@@ -184,6 +184,38 @@ def test_openai_client_and_curl(daemon: DaemonProcess) -> None:
     assert json.loads(out.stdout)["choices"][0]["text"].startswith(" alpha")
 
 
+def test_what_load_generators_written_for_vllm_send(daemon: DaemonProcess) -> None:
+    """``ignore_eos``/``min_tokens`` hold a generation at a fixed length, ``top_k`` narrows sampling, and
+    ``GET /health`` is vLLM's liveness path; all through the real openai client and curl."""
+    import httpx2
+    import openai
+
+    http = httpx2.Client(transport=httpx2.HTTPTransport(uds=str(daemon.sock)))
+    client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
+    held = client.completions.create(
+        model="m", prompt="Hello =>", max_tokens=120, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert held.usage is not None and held.usage.completion_tokens == 120
+    assert held.choices[0].finish_reason == "length"
+    free = client.completions.create(model="m", prompt="Hello =>", max_tokens=120, temperature=0)
+    assert free.usage is not None and free.usage.completion_tokens < 120  # the demo model does end by itself
+    floor = client.completions.create(
+        model="m", prompt="Hello =>", max_tokens=120, temperature=0, extra_body={"min_tokens": 100}
+    )
+    assert floor.usage is not None and floor.usage.completion_tokens >= 100
+    greedy = client.completions.create(model="m", prompt="Hello =>", max_tokens=16, temperature=0)
+    narrowed = client.completions.create(
+        model="m", prompt="Hello =>", max_tokens=16, temperature=1.0, seed=3, extra_body={"top_k": 1}
+    )
+    assert narrowed.choices[0].text == greedy.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.completions.create(model="m", prompt="x", max_tokens=4, extra_body={"min_tokens": 5})
+
+    curl = ["curl", "-sS", "-w", " %{http_code}", "--unix-socket", str(daemon.sock), "http://localhost/health"]
+    out = subprocess.run(curl, capture_output=True, text=True, timeout=30, check=True)
+    assert out.stdout == '{"status": "ok"} 200', out.stdout
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "param"),
     [

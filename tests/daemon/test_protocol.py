@@ -118,6 +118,23 @@ def test_sampling_values_kept() -> None:
     assert comp(seed=-1).params.seed != comp(seed=-2).params.seed
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [("top_k", -2), ("top_k", 1.5), ("top_k", True), ("min_tokens", -1), ("min_tokens", 17), ("min_tokens", "2"),
+     ("ignore_eos", 1), ("ignore_eos", "true")],
+)  # fmt: skip
+def test_vllm_extensions_refused(name: str, value: Any) -> None:
+    refused(comp, {"max_tokens": 16, name: value}, name)
+
+
+def test_vllm_extensions_kept() -> None:
+    """What load generators written for vLLM send: ``ignore_eos``, ``min_tokens``, ``top_k`` (-1 and 0: off)."""
+    p = comp(max_tokens=16, top_k=40, min_tokens=16, ignore_eos=True).params
+    assert (p.top_k, p.min_tokens, p.ignore_eos) == (40, 16, True)
+    assert (comp().params.top_k, comp().params.min_tokens, comp().params.ignore_eos) == (0, 0, False)
+    assert comp(top_k=-1).params.top_k == 0 and comp(ignore_eos=None).params.ignore_eos is False
+
+
 @pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], "", ["a", ""], [1], {"a": "b"}, 5])
 def test_stop_refused(stop: Any) -> None:
     refused(comp, {"stop": stop}, "stop")
