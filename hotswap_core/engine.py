@@ -24,8 +24,9 @@ import torch
 
 from hotswap_core.config import Config
 from hotswap_core.errors import EngineError
-from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams, sample
+from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams
 from hotswap_core.layout import Layout, base_identities, layout_from_model
+from hotswap_core.sampling import sample
 from hotswap_core.slots import SlotBank
 
 log = logging.getLogger("hotswapd.engine")

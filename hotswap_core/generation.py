@@ -97,16 +97,39 @@ class RowState:
         self.finish_reason: str | None = None
         self._stopped = False  # a stop string ended the text
         self.first_token_at: float | None = None
-        self.generator: torch.Generator | None = None
-        if self.params.temperature > 0:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(self.params.seed if self.params.seed is not None else secrets.randbits(63))
+        self._seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self._generator: torch.Generator | None = None  # created on the logits' device at the first draw
         # Text that may still become the start of a stop string is held back from the stream.
         self._holdback = max((len(s) for s in self.params.stop), default=1) - 1
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    # ---- what sampling reads (hotswap_core.sampling.Row) --------------------------------------------------
+    @property
+    def temperature(self) -> float:
+        return self.params.temperature
+
+    @property
+    def top_p(self) -> float:
+        return self.params.top_p
+
+    @property
+    def top_k(self) -> int:
+        return self.params.top_k
+
+    @property
+    def min_tokens(self) -> int:
+        return self.params.min_tokens
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This row's random stream on ``device``, seeded from the request (or at random): its own, so a seeded
+        request draws the same tokens whatever else is in its batch."""
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self._seed)
+        return self._generator
 
     def push(self, token_id: int) -> None:
         """Accept the next sampled token; updates text, finish state, and streams the new text."""
@@ -158,32 +181,3 @@ class RowState:
                 log.warning("streaming callback failed; cancelling that request", exc_info=True)
                 self.request.cancelled.set()
             self._emitted = end
-
-
-def sample(logits: torch.Tensor, rows: list[RowState]) -> list[int]:
-    """Pick the next token per row. logits: [B, V] (any device/dtype); greedy rows use argmax."""
-    early = [(i, sorted(r.eos_ids)) for i, r in enumerate(rows) if r.eos_ids and len(r.ids) < r.params.min_tokens]
-    if early:  # min_tokens: EOS cannot be picked yet
-        logits = logits.clone()
-        for i, eos in early:
-            logits[i, eos] = float("-inf")
-    greedy = logits.argmax(dim=-1).tolist()
-    out: list[int] = []
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.temperature == 0 or row.generator is None:
-            out.append(int(greedy[i]))
-            continue
-        # float64 and shifted by the max (softmax does not change): with a tiny temperature x / t overflows
-        # to inf (or t itself rounds to 0 in float32), softmax then yields NaN and multinomial fails the batch.
-        row_logits = logits[i].double().cpu()  # [V]
-        if 0 < p.top_k < row_logits.numel():
-            kth = row_logits.topk(p.top_k).values[-1]
-            row_logits = row_logits.masked_fill(row_logits < kth, float("-inf"))
-        probs = torch.softmax((row_logits - row_logits.max()) / p.temperature, dim=-1)  # [V]
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the top token
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        out.append(int(torch.multinomial(probs, 1, generator=row.generator).item()))
-    return out

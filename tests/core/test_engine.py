@@ -111,6 +111,22 @@ def test_sampling_is_seeded_and_bounded(engine: Any) -> None:
     assert a.completion_tokens <= 12
 
 
+def test_a_seeded_request_draws_the_same_text_whatever_shares_its_batch(engine: Any) -> None:
+    """Each row samples from its own seeded stream: alone, or among greedy rows, other seeds and other lengths."""
+    params = SamplingParams(max_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=11)
+    alone = engine.generate(["Hello =>"], params)[0].token_ids
+    for company in (
+        [("abc", SamplingParams(max_tokens=30))],
+        [("x" * 40, SamplingParams(max_tokens=5, temperature=1.0, seed=1)), ("q", SamplingParams(max_tokens=40))],
+        [("Zürich =>", SamplingParams(max_tokens=24, temperature=0.7, seed=11))] * 5,
+    ):
+        mixed = [GenerationRequest(p, sp) for p, sp in company]
+        at = len(mixed) // 2
+        mixed.insert(at, GenerationRequest("Hello =>", params))
+        results = [f.result(60) for f in engine.submit_group(mixed)]
+        assert results[at].token_ids == alone, company
+
+
 def test_stop_strings_and_streaming(engine: Any) -> None:
     full = engine.generate(["Hello =>"], SamplingParams(max_tokens=10))[0]
     assert len(full.text) > 3

@@ -19,7 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from hotswap_core.detokenize import IncrementalDetokenizer
-from hotswap_core.generation import GenerationRequest, RowState, SamplingParams, sample
+from hotswap_core.generation import GenerationRequest, RowState, SamplingParams
+from hotswap_core.sampling import sample
 from hotswapd.demo import DemoAssets
 
 CORPUS = [
