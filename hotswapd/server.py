@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ _ENDPOINTS = {
 
 
 _KEEPALIVE_S = 15.0
+_PARSE_THREADS = 2  # request parsing and tokenisation; a request waits its turn in this pool's queue
 # What server.listen_tcp serves: inference and health. Adapters, events and admin verbs stay on the Unix socket,
 # where SO_PEERCRED says who is asking (server.admin_uids); over TCP anyone who can connect would be asking.
 _TCP_ENDPOINTS = frozenset({"completions", "chat_completions", "models", "health", "metrics"})
@@ -108,6 +110,7 @@ class Server:
             # API Inference Extension's endpoint picker reads /metrics on the InferencePool's target port).
             r.add_get("/metrics", self.exposition)
         self._runner: web.AppRunner | None = None
+        self._parsers = ThreadPoolExecutor(_PARSE_THREADS, thread_name_prefix="hotswapd-tokenize")
         self._sites: list[web.SockSite] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -139,6 +142,7 @@ class Server:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._parsers.shutdown(wait=False, cancel_futures=True)
 
     # ---- middleware -----------------------------------------------------------------------------
     @web.middleware
@@ -312,8 +316,13 @@ class Server:
     # ---- completions ----------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self._require_ready()
-        body = protocol.parse_json(await request.read())
-        call = protocol.parse_completion(body, self._tokenize, self.engine.max_seq_len, self.engine.max_batch_size)
+        raw = await request.read()
+
+        def parse() -> protocol.Call:
+            body = protocol.parse_json(raw)
+            return protocol.parse_completion(body, self._tokenize, self.engine.max_seq_len, self.engine.max_batch_size)
+
+        call = await self._off_loop(parse)
         return await self._serve(request, call, chat=False, prefix="cmpl")
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -322,9 +331,19 @@ class Server:
             raise ApiError(
                 404, "this model's tokenizer has no chat template; use /v1/completions", code="no_chat_template"
             )
-        body = protocol.parse_json(await request.read())
-        call = protocol.parse_chat(body, self._render_chat, self._tokenize, self.engine.max_seq_len)
+        raw = await request.read()
+
+        def parse() -> protocol.Call:
+            body = protocol.parse_json(raw)
+            return protocol.parse_chat(body, self._render_chat, self._tokenize, self.engine.max_seq_len)
+
+        call = await self._off_loop(parse)
         return await self._serve(request, call, chat=True, prefix="chatcmpl")
+
+    async def _off_loop(self, parse: Callable[[], protocol.Call]) -> protocol.Call:
+        """JSON parsing, chat templating and tokenisation on the request threads, never on the event loop (a
+        4 MB prompt takes milliseconds to tokenise; every other connection would wait that long)."""
+        return await asyncio.get_running_loop().run_in_executor(self._parsers, parse)
 
     async def _close_when_draining(self, request: web.Request, response: web.StreamResponse) -> None:
         if self.state.draining:  # this answer is the connection's last: no keep-alive past a SIGTERM
