@@ -353,15 +353,11 @@ class Engine:
                     log.warning("on_start callback failed; cancelling that request", exc_info=True)
                     row.request.cancelled.set()
         start = time.monotonic()
-        try:
-            self._generate(rows)
-        except Exception as exc:
-            log.exception("batch of %d failed", len(rows))
-            for row in rows:
-                if not row.request.future.done():
-                    row.request.future.set_exception(EngineError(f"generation failed: {exc}"))
-            return
-        for row in rows:
+
+        def finish(row: RowState) -> None:
+            """Resolve a row's future as soon as it is done, not when the batch's longest row is."""
+            if row.request.future.done():
+                return
             ttft = (row.first_token_at or start) - row.request.created_at
             row.request.future.set_result(
                 GenerationResult(
@@ -374,6 +370,17 @@ class Engine:
                     duration_s=time.monotonic() - row.request.created_at,
                 )
             )
+
+        try:
+            self._generate(rows, on_done=finish)
+        except Exception as exc:
+            log.exception("batch of %d failed", len(rows))
+            for row in rows:
+                if not row.request.future.done():
+                    row.request.future.set_exception(EngineError(f"generation failed: {exc}"))
+            return
+        for row in rows:
+            finish(row)
 
     def _prefill_inputs(self, rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-pad the prompts to one length: input ids, attention mask and positions, each [B, L]."""
@@ -394,9 +401,11 @@ class Engine:
         return DynamicCache(config=self.model_config)
 
     @torch.inference_mode()
-    def _generate(self, rows: list[RowState], check_finite: bool = False) -> bool:
-        """Prefill, then decode until every row is done. Returns whether all logits were finite
-        (only checked with ``check_finite``: it costs a reduction per step)."""
+    def _generate(
+        self, rows: list[RowState], check_finite: bool = False, on_done: Callable[[RowState], None] | None = None
+    ) -> bool:
+        """Prefill, then decode until every row is done; ``on_done`` gets each row the step it finishes.
+        Returns whether all logits were finite (only checked with ``check_finite``: a reduction per step)."""
         ids, mask, positions = self._prefill_inputs(rows)
         bsz = len(rows)
         cache = self._new_cache()
@@ -410,6 +419,8 @@ class Engine:
                 for row, token in zip(rows, sample(logits, rows), strict=True):
                     if not row.done:
                         row.push(token)
+                        if row.done and on_done is not None:
+                            on_done(row)
                 self.last_loop_at = time.monotonic()  # a long batch is still a turning worker
                 if all(r.done for r in rows):
                     return finite

@@ -127,6 +127,24 @@ def test_a_seeded_request_draws_the_same_text_whatever_shares_its_batch(engine: 
         assert results[at].token_ids == alone, company
 
 
+def test_a_finished_row_is_answered_at_once_not_when_the_batch_ends(engine: Any) -> None:
+    """Counted in decode steps: the short request's future resolves the step its second token is sampled, while
+    the long one in the same batch has streamed no more than that."""
+    streamed: list[str] = []
+    long = GenerationRequest(
+        "Hello =>", SamplingParams(max_tokens=150, ignore_eos=True), on_text=lambda t: streamed.append(t)
+    )
+    short = GenerationRequest("Hello =>", SamplingParams(max_tokens=2, ignore_eos=True))
+    seen_at: list[int] = []
+    short.future.add_done_callback(lambda _: seen_at.append(len("".join(streamed))))
+    long_f, short_f = engine.submit_group([long, short])
+    assert short_f.result(60).completion_tokens == 2
+    assert long_f.result(120).completion_tokens == 150
+    text = long_f.result().text
+    # byte-level demo tokenizer: a token is at most one character; the long row had streamed 2 or 3 of 150
+    assert len(seen_at) == 1 and seen_at[0] <= 3 < len(text), (seen_at, len(text))
+
+
 def test_stop_strings_and_streaming(engine: Any) -> None:
     full = engine.generate(["Hello =>"], SamplingParams(max_tokens=10))[0]
     assert len(full.text) > 3
