@@ -26,7 +26,7 @@ from hotswap_core.config import Config
 from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams
 from hotswap_core.layout import Layout, base_identities, layout_from_model
-from hotswap_core.sampling import sample
+from hotswap_core.sampling import sample, sampling_defaults
 from hotswap_core.slots import SlotBank
 
 log = logging.getLogger("hotswapd.engine")
@@ -89,6 +89,7 @@ class Engine:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.max_batch_size = config.model.max_batch_size
         self.max_seq_len = config.model.max_seq_len
+        self.sampling_defaults: dict[str, float | int] = {}  # from generation_config.json, set by load()
         self.ready = threading.Event()
         self.last_loop_at = time.monotonic()  # heartbeat: proves the serving loop turns
         self._graphs_after_warmup: int | None = None
@@ -127,6 +128,9 @@ class Engine:
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         )
+        self.sampling_defaults = sampling_defaults(base.generation_config)
+        if self.sampling_defaults:
+            log.info("requests that leave them out sample with generation_config's %s", self.sampling_defaults)
 
         ids = base_identities(m.path, base.config)
         self.layout: Layout = layout_from_model(

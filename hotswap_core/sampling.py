@@ -9,10 +9,13 @@ whatever else shares its batch: no other row's draws, count or order touch its s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
+
+log = logging.getLogger("hotswapd.engine")
 
 # Below this temperature a draw is the argmax (logits / T overflows long before T reaches 0 in float32).
 MIN_TEMPERATURE = 1e-5
@@ -86,3 +89,26 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     keep[:, 0] = True
     values = values.masked_fill(~keep, float("-inf"))
     return torch.empty_like(scaled).scatter_(-1, order, values)
+
+
+def sampling_defaults(generation_config: Any) -> dict[str, float | int]:
+    """The sampling values a model's ``generation_config.json`` sets explicitly (temperature, top_p, top_k): the
+    defaults for requests that leave them out, as vLLM does. Values a request could not send are dropped."""
+    if generation_config is None:
+        return {}
+    diff = generation_config.to_diff_dict()
+    checks: dict[str, Callable[[Any], bool]] = {
+        "temperature": lambda v: isinstance(v, (int, float)) and 0 <= v <= 2,
+        "top_p": lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
+        "top_k": lambda v: isinstance(v, int) and v >= 0,
+    }
+    out: dict[str, float | int] = {}
+    for key, valid in checks.items():
+        value = diff.get(key)
+        if value is None:
+            continue
+        if valid(value) and not isinstance(value, bool):
+            out[key] = value
+        else:
+            log.warning("generation_config.%s=%r is not a usable default; ignored", key, value)
+    return out

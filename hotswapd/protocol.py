@@ -11,7 +11,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -166,8 +166,13 @@ class Call:
 
 
 def _params(
-    body: dict[str, Any], prompts: list[list[int]], max_seq_len: int, default_max: int | None
+    body: dict[str, Any],
+    prompts: list[list[int]],
+    max_seq_len: int,
+    default_max: int | None,
+    defaults: Mapping[str, float],
 ) -> SamplingParams:
+    """``defaults``: the model's generation_config values (temperature, top_p, top_k) for what the body omits."""
     longest = max(len(p) for p in prompts)
     if longest >= max_seq_len:
         raise bad(
@@ -187,7 +192,7 @@ def _params(
             "context_length_exceeded",
         )
     seed = _int(body, "seed", None, -(2**63), 2**64 - 1)
-    top_k = _int(body, "top_k", 0, -1, 2**31 - 1)  # vLLM's extension; -1 and 0: off
+    top_k = _int(body, "top_k", int(defaults.get("top_k", 0)), -1, 2**31 - 1)  # vLLM's extension; -1 and 0: off
     min_tokens = _int(body, "min_tokens", 0, 0, max_tokens)  # vLLM's extension
     ignore_eos = body.get("ignore_eos", False)  # vLLM's extension
     if ignore_eos is None:
@@ -196,8 +201,8 @@ def _params(
         raise bad("ignore_eos must be true or false", "ignore_eos")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_lo=True),
+        temperature=_number(body, "temperature", float(defaults.get("temperature", 1.0)), 0.0, 2.0),
+        top_p=_number(body, "top_p", float(defaults.get("top_p", 1.0)), 0.0, 1.0, open_lo=True),
         seed=None if seed is None else seed & (2**63 - 1),
         stop=_stop(body),
         top_k=max(0, top_k or 0),
@@ -212,7 +217,11 @@ def _model(body: dict[str, Any]) -> None:
 
 
 def parse_completion(
-    body: dict[str, Any], tokenize: Callable[[str], list[int]], max_seq_len: int, max_prompts: int
+    body: dict[str, Any],
+    tokenize: Callable[[str], list[int]],
+    max_seq_len: int,
+    max_prompts: int,
+    defaults: Mapping[str, float] | None = None,
 ) -> Call:
     """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or lists of token ids."""
     _model(body)
@@ -237,7 +246,7 @@ def parse_completion(
         else:
             raise bad("each prompt must be a string or a non-empty list of token ids", "prompt")
     stream, usage = _stream(body)
-    return Call(prompts, _params(body, prompts, max_seq_len, 16), stream, usage)
+    return Call(prompts, _params(body, prompts, max_seq_len, 16, defaults or {}), stream, usage)
 
 
 def _is_token(t: Any) -> bool:
@@ -249,6 +258,7 @@ def parse_chat(
     render: Callable[[list[dict[str, str]]], str],
     tokenize: Callable[[str], list[int]],
     max_seq_len: int,
+    defaults: Mapping[str, float] | None = None,
 ) -> Call:
     """``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template."""
     _model(body)
@@ -272,7 +282,7 @@ def parse_chat(
         clean.append({"role": m["role"], "content": content})
     stream, usage = _stream(body)
     prompt = tokenize(render(clean))
-    return Call([prompt], _params(body, [prompt], max_seq_len, None), stream, usage)
+    return Call([prompt], _params(body, [prompt], max_seq_len, None, defaults or {}), stream, usage)
 
 
 # ---- responses ------------------------------------------------------------------------------------

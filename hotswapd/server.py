@@ -320,7 +320,9 @@ class Server:
 
         def parse() -> protocol.Call:
             body = protocol.parse_json(raw)
-            return protocol.parse_completion(body, self._tokenize, self.engine.max_seq_len, self.engine.max_batch_size)
+            return protocol.parse_completion(
+                body, self._tokenize, self.engine.max_seq_len, self.engine.max_batch_size, self.engine.sampling_defaults
+            )
 
         call = await self._off_loop(parse)
         return await self._serve(request, call, chat=False, prefix="cmpl")
@@ -335,7 +337,9 @@ class Server:
 
         def parse() -> protocol.Call:
             body = protocol.parse_json(raw)
-            return protocol.parse_chat(body, self._render_chat, self._tokenize, self.engine.max_seq_len)
+            return protocol.parse_chat(
+                body, self._render_chat, self._tokenize, self.engine.max_seq_len, self.engine.sampling_defaults
+            )
 
         call = await self._off_loop(parse)
         return await self._serve(request, call, chat=True, prefix="chatcmpl")

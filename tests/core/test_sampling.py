@@ -9,7 +9,7 @@ import random
 import torch
 
 from hotswap_core.generation import GenerationRequest, RowState, SamplingParams
-from hotswap_core.sampling import sample
+from hotswap_core.sampling import sample, sampling_defaults
 
 VOCAB = 64
 
@@ -91,3 +91,13 @@ def test_temperature_zero_or_tiny_is_greedy_and_never_nan() -> None:
     assert sample(logits, rows) == logits.argmax(dim=-1).tolist()
     row = _row(temperature=1e-4, seed=2)  # above the greedy cut-off: the race still picks the argmax
     assert sample(logits[:1], [row]) == [int(logits[0].argmax())]
+
+
+def test_generation_config_values_become_defaults_only_when_set_and_valid() -> None:
+    from transformers import GenerationConfig
+
+    assert sampling_defaults(None) == {} and sampling_defaults(GenerationConfig()) == {}
+    qwen_like = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    assert sampling_defaults(qwen_like) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    odd = GenerationConfig(do_sample=True, temperature=5.0, top_p=0.9)
+    assert sampling_defaults(odd) == {"top_p": 0.9}  # a temperature no request could send is not a default

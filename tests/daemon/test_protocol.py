@@ -135,6 +135,17 @@ def test_vllm_extensions_kept() -> None:
     assert comp(top_k=-1).params.top_k == 0 and comp(ignore_eos=None).params.ignore_eos is False
 
 
+def test_model_generation_config_fills_what_the_request_omits() -> None:
+    """As vLLM: the model's recommended temperature/top_p/top_k for a body that leaves them out, else OpenAI's."""
+    defaults = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    p = parse_completion({"prompt": "hi"}, tok, SEQ, 4, defaults).params
+    assert (p.temperature, p.top_p, p.top_k) == (0.7, 0.8, 20)
+    p = parse_completion({"prompt": "hi", "temperature": 0, "top_p": 1, "top_k": -1}, tok, SEQ, 4, defaults).params
+    assert (p.temperature, p.top_p, p.top_k) == (0.0, 1.0, 0)
+    p = parse_chat({"messages": [{"role": "user", "content": "x"}]}, render, tok, SEQ, defaults).params
+    assert (p.temperature, p.top_p, p.top_k) == (0.7, 0.8, 20)
+
+
 @pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], "", ["a", ""], [1], {"a": "b"}, 5])
 def test_stop_refused(stop: Any) -> None:
     refused(comp, {"stop": stop}, "stop")
