@@ -359,9 +359,7 @@ class Engine:
         start = time.monotonic()
 
         def finish(row: RowState) -> None:
-            """Resolve a row's future as soon as it is done, not when the batch's longest row is."""
-            if row.request.future.done():
-                return
+            """Resolve a row's future the step it is done, not when the batch's longest row is."""
             ttft = (row.first_token_at or start) - row.request.created_at
             row.request.future.set_result(
                 GenerationResult(
@@ -382,9 +380,6 @@ class Engine:
             for row in rows:
                 if not row.request.future.done():
                     row.request.future.set_exception(EngineError(f"generation failed: {exc}"))
-            return
-        for row in rows:
-            finish(row)
 
     def _prefill_inputs(self, rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-pad the prompts to one length: input ids, attention mask and positions, each [B, L]."""

@@ -100,7 +100,7 @@ class RowState:
         self._seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self._generator: torch.Generator | None = None  # created on the logits' device at the first draw
         # Text that may still become the start of a stop string is held back from the stream.
-        self._holdback = max((len(s) for s in self.params.stop), default=1) - 1
+        self._holdback = max(0, self._longest_stop - 1)
 
     @property
     def done(self) -> bool:

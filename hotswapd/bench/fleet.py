@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from hotswap_core.sources.hub import ALLOW_PATTERNS
 from hotswapd.bench.daemon import DaemonRun
 from hotswapd.bench.errors import BenchError
 from hotswapd.bench.fakehub import FakeHub
@@ -35,9 +36,10 @@ DEFAULT_REPLICAS = (("stable-0", "stable"), ("stable-1", "stable"), ("canary-0",
 
 
 def adapter_files(folder: Path, revision: str | None = None) -> dict[str, bytes]:
-    """The files of a PEFT adapter folder as a Hub commit; ``revision`` is written into the config so that
-    every commit is a distinct adapter (the daemon does not swap in content equal to the live one)."""
-    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    """The files of an adapter folder that the Hub source downloads, as a Hub commit. ``revision`` is written into
+    the config so that every commit is a distinct adapter (the daemon does not swap in content equal to the live
+    one)."""
+    files = {name: (folder / name).read_bytes() for name in ALLOW_PATTERNS if (folder / name).is_file()}
     if revision is not None:
         config = json.loads(files["adapter_config.json"])
         files["adapter_config.json"] = json.dumps({**config, "revision": revision}, indent=2).encode()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -16,13 +15,7 @@ from typing import Any
 
 import yaml
 
-from .harness import wait_until
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .harness import free_port, wait_until
 
 
 class Prometheus:
@@ -38,7 +31,7 @@ class Prometheus:
         binary = shutil.which("prometheus")
         assert binary, "the prometheus server is not installed (Debian package prometheus; .ci/system-packages)"
         work.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},

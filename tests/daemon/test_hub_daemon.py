@@ -11,16 +11,13 @@ from typing import Any
 import pytest
 
 from hotswapd.bench.fakehub import FakeHub
+from hotswapd.bench.fleet import adapter_files
 from hotswapd.demo import DemoAssets
 
 from .harness import DaemonProcess, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 REPO = "acme/support-adapters"
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
 
 
 @pytest.fixture
@@ -33,7 +30,7 @@ def hub() -> Iterator[FakeHub]:
 def daemon(demo_assets: DemoAssets, hub: FakeHub, cli_env: dict[str, str]) -> Iterator[tuple[DaemonProcess, Path, str]]:
     with tempfile.TemporaryDirectory(prefix="hs-hub-", dir="/tmp") as d:
         work = Path(d)
-        first = hub.commit(REPO, "main", _files(demo_assets.alpha))
+        first = hub.commit(REPO, "main", adapter_files(demo_assets.alpha))
         config = write_config(
             demo_assets, work, work / "s.sock",
             **{"adapter.initial": None, "source.kind": "hub",
@@ -66,14 +63,14 @@ def test_hub_commits_are_swapped_in_broken_ones_rejected_and_outages_ridden_out(
     assert snapshot.is_relative_to(work / "state" / "hub")  # the cache lives under state_dir
     assert sorted(p.name for p in snapshot.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
-    broken = hub.commit(REPO, "main", _files(demo_assets.broken["non_finite"]))
+    broken = hub.commit(REPO, "main", adapter_files(demo_assets.broken["non_finite"]))
     wait_until(lambda: _record(d, f"{REPO}@{broken}"), 15, "the broken commit to be tried")
     assert _record(d, f"{REPO}@{broken}")["reason"] == "non_finite"  # type: ignore[index]
     assert d.live() == f"{REPO}@{first}" and d.complete()["choices"][0]["text"].startswith(" alpha")
 
     # The Hub fails for a while: no swap, the failure is visible, then the new commit lands.
     hub.fail("500", times=4)
-    good = hub.commit(REPO, "main", _files(demo_assets.bravo))
+    good = hub.commit(REPO, "main", adapter_files(demo_assets.bravo))
     wait_until(lambda: d.client.get("/v1/adapters")["source"]["consecutive_failures"] >= 1, 15, "a failed poll")
     status = d.client.get("/v1/adapters")["source"]
     assert status["last_result"] == "error" and "500" in (status["last_error"] or "")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,27 +20,18 @@ import openai
 import pytest
 
 from hotswapd.bench.fakehub import FakeHub
+from hotswapd.bench.fleet import adapter_files
 from hotswapd.demo import DemoAssets
 
 from ..conftest import run_cli
-from .harness import START_TIMEOUT, DaemonProcess, listening_tcp_ports, metric, wait_until, write_config
+from .harness import START_TIMEOUT, DaemonProcess, free_port, listening_tcp_ports, metric, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 REPO = "acme/support-adapters"
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
-
-
 def _sha256(proc: DaemonProcess) -> str:
     return str(proc.client.get("/v1/adapters")["live"]["sha256"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str) -> tuple[int, dict[str, Any]]:
@@ -71,8 +61,8 @@ def fleet_member(
     """A daemon on a Hub branch polled every 10 minutes (so only refresh makes it look), with listen_tcp on.
     Also yields the /readyz answers the metrics port gave from its first moment until ready."""
     with FakeHub() as hub, tempfile.TemporaryDirectory(prefix="hs-pod-", dir="/tmp") as d:
-        work, tcp_port = Path(d), _free_port()
-        first = hub.commit(REPO, "main", _files(demo_assets.alpha))
+        work, tcp_port = Path(d), free_port()
+        first = hub.commit(REPO, "main", adapter_files(demo_assets.alpha))
         config = write_config(
             demo_assets, work, work / "s.sock",
             **{"adapter.initial": None, "source.kind": "hub", "server.listen_tcp": f"127.0.0.1:{tcp_port}",
@@ -162,13 +152,13 @@ def test_refresh_makes_the_hub_source_look_now_and_head_info_follows(
         )
 
     assert head() == {"state": "live", "version": f"{REPO}@{first}"}
-    good = hub.commit(REPO, "main", _files(demo_assets.bravo))
+    good = hub.commit(REPO, "main", adapter_files(demo_assets.bravo))
     out = refresh()  # the next poll is 10 minutes away: only the refresh can find it
     assert out.returncode == 0 and f"offered {REPO}@{good}" in out.stdout, out.stdout + out.stderr
     assert proc.live() == f"{REPO}@{good}"  # the answer comes once the look (and the swap it started) is done
     assert head() == {"state": "live", "version": f"{REPO}@{good}"}
 
-    broken = hub.commit(REPO, "main", _files(demo_assets.broken["non_finite"]))
+    broken = hub.commit(REPO, "main", adapter_files(demo_assets.broken["non_finite"]))
     out = refresh()
     assert out.returncode == 0 and f"offered {REPO}@{broken}" in out.stdout
     assert head() == {"state": "rejected", "version": f"{REPO}@{broken}"}  # a cohort stuck on it alerts on this
