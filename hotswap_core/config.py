@@ -22,7 +22,8 @@ from hotswap_core.errors import ConfigError
 @dataclass(frozen=True)
 class CompileConfig:
     enabled: bool = True
-    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # auto: reduce-overhead (decode replayed as CUDA graphs) on CUDA, default on CPU.
+    mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "auto"
     # None lets dynamo decide; True traces symbolic shapes from the first call, which keeps the
     # number of graphs small when prompt lengths and batch sizes vary.
     dynamic: bool | None = True
@@ -263,13 +264,6 @@ def _check_values(c: Config) -> list[str]:
         "source.hub.keep_versions": c.source.hub.keep_versions,
     }
     p += [f"{k}: must be > 0, got {v!r}" for k, v in positive.items() if v <= 0]
-    if c.model.compile.mode in ("reduce-overhead", "max-autotune"):
-        # CUDA graphs replay into fixed output buffers; the dynamic KV cache that hotswapd decodes
-        # with is itself a graph output, so a replay would overwrite the cache of a running request.
-        p.append(
-            f"model.compile.mode: {c.model.compile.mode!r} uses CUDA graphs, which need a static KV cache; "
-            "use 'default' or 'max-autotune-no-cudagraphs'"
-        )
     if c.adapter.target_rank < 1:
         p.append(f"adapter.target_rank: must be >= 1, got {c.adapter.target_rank}")
     if not c.adapter.target_modules:

@@ -1,11 +1,15 @@
-"""The engine: base model + fixed two-slot LoRA layout, compiled once, warmed, served by one worker.
+"""The engine: base model + fixed two-slot LoRA layout + static KV cache, compiled once, warmed, and
+served by one worker thread that schedules at the granularity of one token (continuous batching).
 
-Lifecycle: ``load()`` (model, tokenizer, layout, slots, compile) -> ``warm_up()`` (every shape class,
-both slots) -> ``start()`` (worker thread) -> ``submit()`` / ``call_between_batches()`` -> ``stop()``.
+Lifecycle: ``load()`` (model, tokenizer, layout, slots, KV cache, compile) -> ``warm_up()`` (every
+shape the server will see) -> ``start()`` (worker thread) -> ``submit()`` / ``between_steps()`` ->
+``stop()``.
 
-The worker thread owns the model. Requests are batched dynamically (up to ``max_batch_size``) and
-each batch runs to completion on one slot, so a response never mixes adapter versions; control
-operations (the swap's commit, verify) run between batches.
+Each step of the worker: run control operations (a swap's commit); admit waiting requests into free
+rows of the cache, each pinned to the slot that is live now; prefill them in one batch; one decode step
+over every running row, whatever version it runs; sample on the device; retire finished rows at once.
+A response never mixes versions because a row keeps its slot to its last token, and a slot that running
+rows use is never staged into (``SlotBank.pin``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -22,17 +25,22 @@ from typing import Any, TypeVar
 
 import torch
 
+from hotswap_core import kv_cache
 from hotswap_core.config import Config
 from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams
+from hotswap_core.kv_cache import KVCache, StepView, decode_view
 from hotswap_core.layout import Layout, base_identities, layout_from_model
 from hotswap_core.sampling import sample, sampling_defaults
+from hotswap_core.scheduler import Group, Row, RowTable, buckets_for
 from hotswap_core.slots import SlotBank
 
 log = logging.getLogger("hotswapd.engine")
 T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The same optimisation without CUDA graphs: for prefill, whose shapes change with every batch.
+_NO_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 @dataclass(frozen=True)
@@ -41,14 +49,13 @@ class WarmupStep:
 
     k: int
     total: int
-    slot: int
     batch: int
     length: int
     elapsed_s: float
     eta_s: float | None
 
     def describe(self) -> str:
-        return f"step {self.k}/{self.total}: slot {self.slot + 1}/2, batch {self.batch}, prompt length {self.length}"
+        return f"step {self.k}/{self.total}: batch {self.batch}, prompt length {self.length}"
 
 
 class EngineBusy(EngineError):
@@ -75,6 +82,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def resolve_mode(name: str, device: torch.device) -> str:
+    """``auto``: CUDA graphs (``reduce-overhead``) on CUDA, ``default`` elsewhere; CPU never captures graphs."""
+    if name == "auto":
+        name = "reduce-overhead" if device.type == "cuda" else "default"
+    return name if device.type == "cuda" else _NO_GRAPHS.get(name, name)
+
+
 def compiled_graph_count() -> int:
     """Graphs dynamo has compiled in this process (process-wide counter)."""
     from torch._dynamo.utils import counters
@@ -87,19 +101,19 @@ class Engine:
         self.config = config
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.mode = resolve_mode(config.model.compile.mode, self.device)
         self.max_batch_size = config.model.max_batch_size
         self.max_seq_len = config.model.max_seq_len
+        self.buckets = buckets_for(self.max_batch_size)
         self.sampling_defaults: dict[str, float | int] = {}  # from generation_config.json, set by load()
         self.ready = threading.Event()
         self.last_loop_at = time.monotonic()  # heartbeat: proves the serving loop turns
+        self.steps = 0  # decode steps run (tests count latency in steps, not seconds)
         self._graphs_after_warmup: int | None = None
-        self._cv = threading.Condition()
-        # Groups of requests; a group (one HTTP request's prompts) always runs in one batch, so on one version.
-        self._pending: deque[list[GenerationRequest]] = deque()
-        self._queued = 0  # requests in _pending
-        self.on_batch: Callable[[int], None] | None = None  # rows per batch (metrics)
-        self._kv_positions = 0  # KV positions the running batch holds (rows x padded length); 0 between batches
-        self._control: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._cv = threading.Condition()  # guards the queue (table.waiting), _control and _stopping
+        self.table = RowTable(self.max_batch_size)
+        self.on_batch: Callable[[int], None] | None = None  # rows per decode step (metrics)
+        self._control: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -112,13 +126,16 @@ class Engine:
         m = self.config.model
         log.info("loading %s (revision %s) on %s as %s", m.path, m.revision, self.device, self.dtype)
         kw: dict[str, Any] = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
+        kv_cache.register()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(m.path, **kw)
-            base = AutoModelForCausalLM.from_pretrained(m.path, dtype=self.dtype, **kw)
+            base = AutoModelForCausalLM.from_pretrained(m.path, dtype=self.dtype, attn_implementation="sdpa", **kw)
         except (OSError, ValueError) as exc:
             raise EngineError(f"cannot load model {m.path!r}: {exc}") from exc
         base = base.to(self.device).eval()  # type: ignore[arg-type]  # transformers' stub wants a model
         self.model_config = base.config
+        _check_attention(base.config)
+        base.set_attn_implementation(kv_cache.ATTENTION)
         # Token ids a client may send: one past the embedding is an out-of-bounds read in the compiled
         # graph (a RuntimeError for the whole batch on CPU, a device-side assert that poisons the context on CUDA).
         self.vocab_size = int(base.get_input_embeddings().num_embeddings)
@@ -139,22 +156,32 @@ class Engine:
         # Layout fixed at start: every slot at target_rank, zero B == exact base behaviour.
         peft_model = get_peft_model(base, self.layout.lora_config())
         prepare_model_for_compiled_hotswap(peft_model, target_rank=self.layout.target_rank)
-        self.slots = SlotBank(peft_model, self.layout, self.device, self.dtype)
+        self.slots = SlotBank(peft_model, self.layout, self.device, self.dtype, rows=self.max_batch_size)
         peft_model.eval()
-        # Compile the transformers model itself: PeftModel's wrapper adds Python glue, no math.
+        # Run the transformers model's own decoder and head: PeftModel's wrapper adds Python glue, no math.
         self.model: torch.nn.Module = peft_model.base_model.model  # type: ignore[assignment]
-        self._forward = self._compile(self.model)
+        self._decoder = self.model.get_decoder()  # type: ignore[operator]
+        self._head = self.model.get_output_embeddings()  # type: ignore[operator]
+        self.cache = KVCache.for_model(base.config, self.max_batch_size, self.max_seq_len, self.device, self.dtype)
+        log.info("static KV cache: %d rows x %d positions, %.1f MiB", self.max_batch_size, self.max_seq_len,
+                 self.cache.nbytes / 2**20)
+        self._prefill_fn, self._decode_fn = self._compile()
 
-    def _compile(self, model: torch.nn.Module) -> Callable[..., Any]:
+    def _compile(self) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
         c = self.config.model.compile
         if not c.enabled:
-            return model.forward
+            return self._prefill_forward, self._decode_forward
         if c.cache_dir:
             os.makedirs(c.cache_dir, exist_ok=True)
             # Read by inductor when it first needs its cache dir; the FX graph cache makes warm starts fast.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", c.cache_dir)
         self._configure_dynamo()
-        return torch.compile(model.forward, mode=c.mode, dynamic=c.dynamic)
+        log.info("compiling decode with mode %r (one graph per batch size %s), prefill with %r", self.mode,
+                 list(self.buckets), _NO_GRAPHS.get(self.mode, self.mode))
+        prefill = torch.compile(self._prefill_forward, mode=_NO_GRAPHS.get(self.mode, self.mode), dynamic=c.dynamic)
+        # Decode shapes never change within a bucket: static, so each bucket is one graph (a CUDA graph on CUDA).
+        decode = torch.compile(self._decode_forward, mode=self.mode, dynamic=False)
+        return prefill, decode
 
     def _configure_dynamo(self) -> None:
         """Apply our dynamo settings to the calling thread.
@@ -170,42 +197,59 @@ class Engine:
         torch._dynamo.config.accumulated_recompile_limit = max(256, c.recompile_limit * 4)
         torch._dynamo.config.fail_on_recompile_limit_hit = True
 
+    # ---- the two forwards (what gets compiled) ------------------------------------------------
+    def _prefill_forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor
+    ) -> torch.Tensor:
+        """Prompts ``ids`` [B, L] (right-padded) into cache ``rows`` [B]; next-token logits [B, V] at ``last``."""
+        view = StepView(self.cache, rows, positions)
+        hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
+        h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]  # [B, H]
+        return self._head(h)
+
+    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per cache row ``0 .. n-1``: ``ids`` and ``positions`` [n, 1]; logits [n, V]."""
+        view = decode_view(self.cache, positions)
+        hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
+        return self._head(hidden.last_hidden_state[:, -1])
+
+    # ---- warm-up ----------------------------------------------------------------------------------
     def warm_up(self, progress: Callable[[WarmupStep], None] | None = None) -> float:
-        """Run every shape class the server will see, on both slots, so no request compiles later.
+        """Run every shape the server will see, so no request compiles later: each decode bucket, and
+        prefill at batch sizes 1, 2 and more, short and long prompts; rows on both slots.
 
         ``progress`` is called before each step, with an estimate of the time left (see ``_eta``).
         """
         t0 = time.monotonic()
         self._configure_dynamo()
         lengths = sorted({2, 3, max(3, self.max_seq_len // 2), max(3, self.max_seq_len - 4)})
-        batches = sorted({1, 2, self.max_batch_size})
-        plan = [(s, b, n) for s in (0, 1) for b in batches for n in lengths]
+        plan = [(b, n) for b in self.buckets for n in lengths]
         took: list[tuple[float, bool]] = []  # (seconds, compiled a graph) per step done
-        for k, (slot, bsz, length) in enumerate(plan, 1):
+        params = SamplingParams(max_tokens=3, ignore_eos=True)  # decode runs whatever the model emits
+        for k, (bsz, length) in enumerate(plan, 1):
             if progress:
-                eta = self._eta(plan[k - 1 :], took, {b for s, b, _ in plan[: k - 1] if s == 0})
-                progress(WarmupStep(k, len(plan), slot, bsz, length, time.monotonic() - t0, eta))
+                eta = self._eta(plan[k - 1 :], took, {b for b, _ in plan[: k - 1]})
+                progress(WarmupStep(k, len(plan), bsz, length, time.monotonic() - t0, eta))
             step_t0, graphs = time.monotonic(), compiled_graph_count()
-            self.slots.select(slot)
-            # Rows of different lengths, so left padding (a mask with zeros) is part of what is traced.
-            rows = [
-                self._row(GenerationRequest([self.pad_id + 1] * max(1, length - i), SamplingParams(max_tokens=3)))
-                for i in range(bsz)
-            ]
-            self._generate(rows)
+            # Rows of different lengths (padding is part of what is traced), on alternating slots.
+            for slot in (0, 1):
+                requests = [
+                    GenerationRequest([self.pad_id + 1] * max(1, length - i), params) for i in range(slot, bsz, 2)
+                ]
+                if requests:
+                    self._enqueue(Group(requests, slot=slot), bounded=False)
+            self._run_until_idle()
             took.append((time.monotonic() - step_t0, compiled_graph_count() > graphs))
             log.debug("warm-up step %d/%d: %d graphs so far", k, len(plan), compiled_graph_count())
-        self.slots.select(self.slots.live)
         self._graphs_after_warmup = compiled_graph_count()
         elapsed = time.monotonic() - t0
         log.info("warm-up done in %.1fs: %d graphs compiled", elapsed, self._graphs_after_warmup)
         return elapsed
 
-    def _eta(self, left: list[tuple[int, int, int]], took: list[tuple[float, bool]], seen: set[int]) -> float | None:
+    def _eta(self, left: list[tuple[int, int]], took: list[tuple[float, bool]], seen: set[int]) -> float | None:
         """Seconds the steps ``left`` should take. Nearly all the time goes into the steps that compile:
-        on slot 1, with ``compile.dynamic`` the first step of each of the first two batch sizes (then the
-        dimensions are symbolic), without it every step; slot 2 reuses slot 1's graphs. None until a
-        compiling step is done."""
+        the first step of each batch size (its decode graph; with ``compile.dynamic`` prefill is symbolic
+        in the prompt length), and without ``compile.dynamic`` every step. None until a compiling step is done."""
         compiling = [t for t, compiled in took if compiled]
         if not compiling:
             return None
@@ -213,8 +257,8 @@ class Engine:
         per_fast = fast[len(fast) // 2] if fast else 0.05
         dynamic = self.config.model.compile.dynamic is not False
         new, total = set(seen), 0.0
-        for slot, bsz, _ in left:
-            compiles = slot == 0 and (not dynamic or (bsz not in new and len(new) < 2))
+        for bsz, _ in left:
+            compiles = not dynamic or bsz not in new
             new.add(bsz)
             total += sum(compiling) / len(compiling) if compiles else per_fast
         return total
@@ -226,7 +270,7 @@ class Engine:
             return 0
         return compiled_graph_count() - self._graphs_after_warmup
 
-    # ---- worker -----------------------------------------------------------------------------
+    # ---- submitting work ----------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._worker, name="hotswapd-engine", daemon=True)
         self._thread.start()
@@ -236,29 +280,37 @@ class Engine:
         return self.submit_group([request])[0]
 
     def submit_group(self, requests: list[GenerationRequest]) -> list[Future[GenerationResult]]:
-        """Queue requests that must run in one batch, hence on one adapter version."""
-        if not 1 <= len(requests) <= self.max_batch_size:
+        """Queue requests that must start together, hence run on one adapter version."""
+        self._enqueue(Group(list(requests)))
+        return [r.future for r in requests]
+
+    def _enqueue(self, group: Group, bounded: bool = True) -> None:
+        n = len(group.requests)
+        if not 1 <= n <= self.max_batch_size:
             raise ValueError(f"a group holds 1 to {self.max_batch_size} requests (model.max_batch_size)")
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
-            if self._queued + len(requests) > self.config.server.max_queue:
-                raise EngineBusy(f"request queue is full ({self._queued} waiting, server.max_queue)")
-            self._pending.append(list(requests))
-            self._queued += len(requests)
+            if bounded and self.table.queued + n > self.config.server.max_queue:
+                raise EngineBusy(f"request queue is full ({self.table.queued} waiting, server.max_queue)")
+            self.table.waiting.append(group)
+            self.table.queued += n
             self._cv.notify()
-        return [r.future for r in requests]
 
-    def call_between_batches(self, fn: Callable[[], T]) -> Future[T]:
-        """Run ``fn`` on the worker thread before the next batch starts (or now, if no worker runs)."""
+    def between_steps(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the worker thread before its next step (or now, if no worker runs)."""
         fut: Future[T] = Future()
-        if self._thread is None or not self._thread.is_alive():
+        if not self._worker_running:
             _run_into(fn, fut)
             return fut
         with self._cv:
             self._control.append((fn, fut))
             self._cv.notify()
         return fut
+
+    @property
+    def _worker_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def generate(
         self, prompts: list[str], params: SamplingParams | None = None, timeout: float | None = None
@@ -267,54 +319,189 @@ class Engine:
         futures = [self.submit(GenerationRequest(p, params or SamplingParams())) for p in prompts]
         return [f.result(timeout) for f in futures]
 
+    def _run_group(self, group: Group, timeout: float | None = None) -> Group:
+        """Queue an internal group and wait until every request of it is done (inline without a worker)."""
+        self._enqueue(group, bounded=False)
+        if not self._worker_running:
+            self._run_until_idle()
+        for r in group.requests:
+            r.future.result(timeout)
+        return group
+
+    def last_logits(self, prompts: list[str], slot: int | None = None) -> torch.Tensor:
+        """Next-token logits [B, V] (float32, CPU) of ``prompts`` through the serving graph, on ``slot``
+        (default: the live one), as rows of the next step."""
+        requests = [GenerationRequest(p, SamplingParams(max_tokens=1)) for p in prompts]
+        group = self._run_group(Group(requests, slot=slot, capture=True))
+        return torch.stack([row.logits for row in group.rows if row.logits is not None])
+
+    def probe(self, prompts: list[str], slot: int, max_tokens: int = 8) -> list[tuple[str, bool]]:
+        """Greedy completions of ``prompts`` on ``slot`` (a swap's smoke prompts, on standby before the
+        commit): (text, every step's logits finite). They run as ordinary rows, beside live traffic."""
+        requests = [GenerationRequest(p, SamplingParams(max_tokens=max_tokens)) for p in prompts]
+        group = self._run_group(Group(requests, slot=slot, check_finite=True), self.config.server.request_timeout_s)
+        return [(row.state.text, row.finite) for row in group.rows]
+
     @property
     def kv_cache_usage(self) -> float:
-        """KV positions held by the running batch / (max_batch_size x max_seq_len), in [0, 1]."""
-        return min(1.0, self._kv_positions / (self.max_batch_size * self.max_seq_len))
+        """KV positions held by running rows / (max_batch_size x max_seq_len), in [0, 1]."""
+        held = sum(row.position + 1 for row in self.table.active)
+        return min(1.0, held / (self.max_batch_size * self.max_seq_len))
 
     @property
     def queue_depth(self) -> int:
-        return self._queued
+        return self.table.queued
 
     def stop(self, drain_timeout: float = 30.0) -> None:
-        """Stop accepting work, finish what is queued (bounded by ``drain_timeout``), stop the worker."""
+        """Stop accepting work, finish what is queued and running (bounded by ``drain_timeout``), stop the worker."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(drain_timeout)
         with self._cv:
-            leftover = [r for group in self._pending for r in group]
-            self._pending.clear()
-            self._queued = 0
+            leftover = [r for group in self.table.waiting for r in group.requests]
+            self.table.waiting.clear()
+            self.table.queued = 0
         for req in leftover:
             req.cancelled.set()
             if not req.future.done():
                 req.future.set_exception(EngineStopped("the engine stopped before this request ran"))
 
+    # ---- the worker -------------------------------------------------------------------------------
     def _worker(self) -> None:
         self._configure_dynamo()
         while True:
             with self._cv:
-                while not self._pending and not self._control and not self._stopping:
+                while not (self.table.waiting or self._control or self.table.active or self._stopping):
                     self._cv.wait(timeout=0.5)
                     self.last_loop_at = time.monotonic()
-                control = list(self._control)
-                self._control.clear()
-                batch: list[GenerationRequest] = []
-                while self._pending and len(batch) + len(self._pending[0]) <= self.max_batch_size:
-                    group = self._pending.popleft()
-                    batch += group
-                    self._queued -= len(group)
-                if self._stopping and not batch and not control:
+                control, self._control = self._control, []
+                if self._stopping and not (self.table.waiting or control or self.table.active):
                     return
             self.last_loop_at = time.monotonic()
             for fn, fut in control:
                 _run_into(fn, fut)
-            if batch:
-                self._run_batch(batch)
+            self._step()
 
-    def _row(self, request: GenerationRequest) -> RowState:
+    def _run_until_idle(self) -> None:
+        """Run steps on the calling thread until nothing waits or runs (warm-up, and before ``start()``)."""
+        while self.table.waiting or self.table.active:
+            self._step()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        with self._cv:
+            groups = self.table.take_admissible()
+        admitted = [row for group in groups for row in self._admit(group)]
+        if admitted:
+            self._run(admitted, self._prefill)
+        if self.table.active:
+            self._run(self.table.active, self._decode)
+
+    def _admit(self, group: Group) -> list[Row]:
+        """Rows for the requests of ``group``, all pinned to one slot: the group's, or the live one now."""
+        slot = self.slots.live if group.slot is None else group.slot
+        for req in group.requests:
+            if req.cancelled.is_set():
+                req.future.cancel()  # the client went away before its turn
+                continue
+            if not req.future.set_running_or_notify_cancel():
+                continue
+            try:
+                state = self._row_state(req)
+            except Exception as exc:  # a bad request fails alone, never the step
+                req.future.set_exception(exc)
+                continue
+            row = Row(-1, state, slot, self.slots.pin(slot), time.monotonic(), group.check_finite, capture=group.capture)
+            self.table.place(row)
+            group.rows.append(row)
+            if req.on_start is not None:
+                try:
+                    req.on_start(row.version)
+                except Exception:  # like a failing on_text: that request alone is cancelled
+                    log.warning("on_start callback failed; cancelling that request", exc_info=True)
+                    req.cancelled.set()
+        return group.rows
+
+    def _run(self, rows: list[Row], forward: Callable[[list[Row]], torch.Tensor]) -> None:
+        """One forward over ``rows``, then sample, push and retire; a failure fails those rows alone."""
+        try:
+            logits = forward(rows)  # [len(rows), V]
+            self._sample(rows, logits)
+        except Exception as exc:
+            log.exception("a step over %d rows failed", len(rows))
+            for row in rows:
+                if self.table.rows[row.index] is row:
+                    self.table.retire(row)
+                    self.slots.unpin(row.slot)
+                if not row.state.request.future.done():
+                    row.state.request.future.set_exception(EngineError(f"generation failed: {exc}"))
+        self.last_loop_at = time.monotonic()  # a long generation is still a turning worker
+
+    def _prefill(self, rows: list[Row]) -> torch.Tensor:
+        # At least 2 positions: dynamo specialises size-1 dims, and a 1-token prefill would be one more graph.
+        bsz, length = len(rows), max(2, *(len(r.state.prompt_ids) for r in rows))
+        ids = torch.full((bsz, length), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r.state.prompt_ids)] = torch.tensor(r.state.prompt_ids)
+        positions = torch.arange(length).repeat(bsz, 1)
+        index = torch.tensor([r.index for r in rows])
+        last = torch.tensor([len(r.state.prompt_ids) - 1 for r in rows])
+        self.slots.assign([r.slot for r in rows])
+        dev = self.device
+        return self._prefill_fn(ids.to(dev), positions.to(dev), index.to(dev), last.to(dev))
+
+    def _decode(self, rows: list[Row]) -> torch.Tensor:
+        n = self.table.bucket_rows(self.buckets)
+        ids, positions, slots = [self.pad_id] * n, [0] * n, [0] * n  # rows nobody holds: position 0, discarded
+        for r in rows:
+            ids[r.index], positions[r.index], slots[r.index] = r.state.ids[-1], r.position, r.slot
+        self.slots.assign(slots)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        logits = self._decode_fn(
+            torch.tensor(ids, device=self.device)[:, None], torch.tensor(positions, device=self.device)[:, None]
+        )
+        self.steps += 1
+        if self.on_batch is not None:
+            self.on_batch(len(rows))
+        if len(rows) == n:
+            return logits
+        return logits.index_select(0, torch.tensor([r.index for r in rows], device=self.device))
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
+        if any(r.check_finite for r in rows):
+            finite = torch.isfinite(logits).all(dim=-1).tolist()
+            for row, ok in zip(rows, finite, strict=True):
+                row.finite = row.finite and bool(ok)
+        for i, row in enumerate(rows):
+            if row.capture and row.logits is None:
+                row.logits = logits[i].float().cpu()
+        for row, token in zip(rows, sample(logits, [r.state for r in rows]), strict=True):
+            row.state.push(token)
+            if row.state.done:
+                self._retire(row)
+
+    def _retire(self, row: Row) -> None:
+        """The row's request is answered now, the step it finished, and its row is free for the next step."""
+        self.table.retire(row)
+        self.slots.unpin(row.slot)
+        state = row.state
+        ttft = (state.first_token_at or row.started_at) - state.request.created_at
+        state.request.future.set_result(
+            GenerationResult(
+                text=state.text,
+                token_ids=tuple(state.ids),
+                prompt_tokens=len(state.prompt_ids),
+                finish_reason=state.finish_reason or "length",
+                adapter=row.version,
+                time_to_first_token_s=ttft,
+                duration_s=time.monotonic() - state.request.created_at,
+            )
+        )
+
+    def _row_state(self, request: GenerationRequest) -> RowState:
         prompt = request.prompt
         ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
         if not ids:
@@ -327,146 +514,17 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds "
                 f"model.max_seq_len ({self.max_seq_len})"
             )
-        return RowState(request, ids, self._decode, self.eos_ids)
+        return RowState(request, ids, self._detokenize, self.eos_ids)
 
-    def _decode(self, ids: list[int]) -> str:
+    def _detokenize(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def _run_batch(self, batch: list[GenerationRequest]) -> None:
-        rows: list[RowState] = []
-        for req in batch:
-            if req.cancelled.is_set():
-                req.future.cancel()  # the client went away before its turn
-                continue
-            if not req.future.set_running_or_notify_cancel():
-                continue
-            try:
-                rows.append(self._row(req))
-            except Exception as exc:  # a bad request fails alone, never the batch
-                req.future.set_exception(exc)
-        if not rows:
-            return
-        if self.on_batch is not None:
-            self.on_batch(len(rows))
-        version = self.slots.live_version
-        for row in rows:
-            if row.request.on_start is not None:
-                try:
-                    row.request.on_start(version)
-                except Exception:  # like a failing on_text: that request alone is cancelled
-                    log.warning("on_start callback failed; cancelling that request", exc_info=True)
-                    row.request.cancelled.set()
-        start = time.monotonic()
 
-        def finish(row: RowState) -> None:
-            """Resolve a row's future the step it is done, not when the batch's longest row is."""
-            ttft = (row.first_token_at or start) - row.request.created_at
-            row.request.future.set_result(
-                GenerationResult(
-                    text=row.text,
-                    token_ids=tuple(row.ids),
-                    prompt_tokens=len(row.prompt_ids),
-                    finish_reason=row.finish_reason or "length",
-                    adapter=version,
-                    time_to_first_token_s=ttft,
-                    duration_s=time.monotonic() - row.request.created_at,
-                )
-            )
-
-        try:
-            self._generate(rows, on_done=finish)
-        except Exception as exc:
-            log.exception("batch of %d failed", len(rows))
-            for row in rows:
-                if not row.request.future.done():
-                    row.request.future.set_exception(EngineError(f"generation failed: {exc}"))
-
-    def _prefill_inputs(self, rows: list[RowState]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-pad the prompts to one length: input ids, attention mask and positions, each [B, L]."""
-        # At least 2 positions: dynamo specialises size-1 dims, and a 1-token prefill would start a
-        # chain of extra graphs (prefill, then decode with a constant past length of 1, ...).
-        bsz, length = len(rows), max(2, *(len(r.prompt_ids) for r in rows))
-        ids = torch.full((bsz, length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((bsz, length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, length - len(r.prompt_ids) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model_config)
-
-    @torch.inference_mode()
-    def _generate(
-        self, rows: list[RowState], check_finite: bool = False, on_done: Callable[[RowState], None] | None = None
-    ) -> bool:
-        """Prefill, then decode until every row is done; ``on_done`` gets each row the step it finishes.
-        Returns whether all logits were finite (only checked with ``check_finite``: a reduction per step)."""
-        ids, mask, positions = self._prefill_inputs(rows)
-        bsz = len(rows)
-        cache = self._new_cache()
-        logits = self._step(ids, mask, positions, cache)  # [B, V]
-        finite = True
-        try:
-            while True:
-                self._kv_positions = bsz * mask.shape[1]  # the dynamic cache holds every row at the padded length
-                if check_finite:
-                    finite = finite and bool(torch.isfinite(logits).all())
-                for row, token in zip(rows, sample(logits, rows), strict=True):
-                    if not row.done:
-                        row.push(token)
-                        if row.done and on_done is not None:
-                            on_done(row)
-                self.last_loop_at = time.monotonic()  # a long batch is still a turning worker
-                if all(r.done for r in rows):
-                    return finite
-                next_ids = torch.tensor([[r.ids[-1] if r.ids else self.pad_id] for r in rows], device=self.device)
-                mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=self.device)], dim=1)
-                positions = positions[:, -1:] + 1  # [B, 1]
-                logits = self._step(next_ids, mask, positions, cache)
-        finally:
-            self._kv_positions = 0
-
-    def _step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
-        out = self._forward(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-        )
-        return out.logits[:, -1, :]  # [B, V]
-
-    def last_logits(self, prompts: list[str], slot: int | None = None) -> torch.Tensor:
-        """Next-token logits [B, V] (float32, CPU) of ``prompts`` through the serving graph."""
-
-        def run() -> torch.Tensor:
-            rows = [self._row(GenerationRequest(p, SamplingParams(max_tokens=1))) for p in prompts]
-            return self._step(*self._prefill_inputs(rows), self._new_cache()).float().cpu()
-
-        return self._on_slot(self.slots.live if slot is None else slot, run)
-
-    def probe(self, prompts: list[str], slot: int, max_tokens: int = 8) -> list[tuple[str, bool]]:
-        """Greedy completions of ``prompts`` on ``slot`` (e.g. standby, before commit): (text, logits finite)."""
-
-        def run() -> list[tuple[str, bool]]:
-            rows = [self._row(GenerationRequest(p, SamplingParams(max_tokens=max_tokens))) for p in prompts]
-            finite = self._generate(rows, check_finite=True)
-            return [(r.text, finite) for r in rows]
-
-        return self._on_slot(slot, run)
-
-    def _on_slot(self, slot: int, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the worker, between batches, with the forward pointed at ``slot``."""
-
-        @torch.inference_mode()
-        def run() -> T:
-            self.slots.select(slot)
-            try:
-                return fn()
-            finally:
-                self.slots.select(self.slots.live)
-
-        return self.call_between_batches(run).result()
+def _check_attention(config: Any) -> None:
+    """The static cache keeps every position: models with sliding-window or other non-global layers are refused."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise EngineError(f"hotswapd's KV cache serves full-attention models only; this one has {sorted(kinds)} layers")
 
 
 def _run_into(fn: Callable[[], T], fut: Future[T]) -> None:

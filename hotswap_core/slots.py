@@ -1,13 +1,14 @@
 """Two LoRA slots in one compiled graph.
 
 Every LoRA module of the layout holds its A and B weights for *both* slots in one padded tensor
-(``A: [2, R, in]``, ``B: [2, out, R]``, ``scale: [2]``), and one shared ``slot`` index tensor
-selects which half the forward uses. So:
+(``A: [2, R, in]``, ``B: [2, out, R]``, ``scale: [2]``), and one shared per-row ``slot`` index tensor
+(``[rows]``) says which slot each row of the batch uses: rows of two versions share a forward. So:
 
-* flipping live <-> standby is one in-place write to ``slot`` — no Python attribute changes for
-  dynamo to guard on, so one set of compiled graphs serves both slots and nothing recompiles;
+* a row keeps the slot that was live when it was admitted, to its last token (pinned: reference
+  counts); commit only changes which slot *new* rows get — no Python attribute changes for dynamo to
+  guard on, so one set of compiled graphs serves both slots and nothing recompiles;
 * staging writes only the standby half with ``copy_`` (storage never rebound, so inductor and CUDA
-  graphs keep their pointers) while the live half keeps serving;
+  graphs keep their pointers) while the live half keeps serving, and never while a row is pinned to it;
 * per-module scalings (``rank_pattern``/``alpha_pattern``/``use_rslora``) are data, not constants.
 
 The modules are installed into PEFT's own ``LoraLayer``s (``lora_A["default"]``/``lora_B["default"]``),
@@ -16,6 +17,8 @@ so PEFT's forward, dtype casting and target matching stay in charge.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,26 +50,26 @@ BASE_VERSION = AdapterVersion(version="base", sha256="0" * 64, source="base")
 
 
 class SlotLinear(nn.Module):
-    """A bias-free Linear whose weight is one of two slots, chosen by a shared index tensor."""
+    """A bias-free Linear whose weight is one of two slots, chosen per batch row by a shared index tensor."""
 
     def __init__(self, weight: torch.Tensor, slot: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [2, out, in]
         self.slot: torch.Tensor
-        self.register_buffer("slot", slot, persistent=False)  # [1] long, shared by every module
+        self.register_buffer("slot", slot, persistent=False)  # [rows] long, shared by every module
         self.scale: torch.Tensor | None
         if scale is not None:
             self.register_buffer("scale", scale, persistent=False)  # [2] float32
         else:
             self.scale = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # index_select with a tensor index stays in the graph; weight[slot] would call .item().
-        w = torch.index_select(self.weight, 0, self.slot).squeeze(0)  # [out, in]
-        y = F.linear(x, w)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, L, in]
+        slot = self.slot[: x.shape[0]]  # [B]: the slot of each batch row
+        w = torch.index_select(self.weight, 0, slot)  # [B, out, in]
+        y = torch.matmul(x, w.transpose(1, 2))  # [B, L, out]
         if self.scale is not None:
-            # 0-d like PEFT's own tensor scaling, so a bf16 activation is not promoted to fp32.
-            y = y * torch.index_select(self.scale, 0, self.slot).squeeze(0)
+            # Cast so a bf16 activation is not promoted to fp32 (PEFT's own scaling is a 0-d tensor).
+            y = y * torch.index_select(self.scale, 0, slot).to(y.dtype)[:, None, None]
         return y
 
 
@@ -79,10 +82,14 @@ class _ModuleSlots:
 class SlotBank:
     """Owns the two slots of every LoRA module and which version each slot holds."""
 
-    def __init__(self, model: nn.Module, layout: Layout, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: nn.Module, layout: Layout, device: torch.device, dtype: torch.dtype, rows: int = 1
+    ) -> None:
         self.layout = layout
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(rows, dtype=torch.long, device=device)  # per batch row, written before each forward
         self._live = 0
+        self._pins = [0, 0]  # rows running on each slot
+        self._unpinned = threading.Condition()
         # None = unknown/dirty (a staging was interrupted): never flip to it without re-staging.
         self.contents: list[AdapterVersion | None] = [BASE_VERSION, BASE_VERSION]
         self._modules: dict[str, _ModuleSlots] = {}
@@ -123,16 +130,47 @@ class SlotBank:
         assert version is not None, "the live slot is never dirty"
         return version
 
-    def select(self, index: int) -> None:
-        """Point the forward at slot ``index``. Only the engine's worker calls this, between batches."""
-        self.slot.fill_(index)
+    def assign(self, slots: list[int]) -> None:
+        """Write the slot of each batch row (row ``i`` of the next forward uses ``slots[i]``). Worker only."""
+        self.slot[: len(slots)].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
 
     def flip(self) -> None:
-        """Commit: standby becomes live. Caller guarantees standby holds a complete version."""
+        """Commit: new rows get the standby slot from now on; running rows keep theirs. Caller guarantees
+        standby holds a complete version."""
         if self.contents[self.standby] is None:
             raise RuntimeError("refusing to flip to a standby slot whose content is unknown")
         self._live = self.standby
-        self.select(self._live)
+
+    # ---- pinning: a slot that running rows use is never staged into -------------------------------------
+    def pin(self, index: int) -> AdapterVersion:
+        """A row starts on slot ``index``; returns the version it will run on, to its last token."""
+        version = self.contents[index]
+        if version is None:
+            raise RuntimeError(f"slot {index} is being staged; no row may start on it")
+        with self._unpinned:
+            self._pins[index] += 1
+        return version
+
+    def unpin(self, index: int) -> None:
+        with self._unpinned:
+            self._pins[index] -= 1
+            if self._pins[index] == 0:
+                self._unpinned.notify_all()
+
+    def pinned(self, index: int) -> int:
+        """Rows running on slot ``index``."""
+        return self._pins[index]
+
+    def wait_unpinned(self, index: int, timeout: float) -> bool:
+        """Block until no row runs on slot ``index`` (at most ``timeout`` seconds); whether it is free."""
+        deadline = time.monotonic() + timeout
+        with self._unpinned:
+            while self._pins[index] > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._unpinned.wait(left)
+        return True
 
     @torch.no_grad()
     def stage(
@@ -148,6 +186,8 @@ class SlotBank:
         """
         if index == self._live:
             raise RuntimeError("refusing to stage into the live slot")
+        if self._pins[index]:
+            raise RuntimeError(f"refusing to stage into slot {index}: {self._pins[index]} running rows use it")
         self.contents[index] = None
         for name, slots in self._modules.items():
             a_w, b_w, scale = slots.a.weight[index], slots.b.weight[index], slots.b.scale

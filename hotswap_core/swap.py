@@ -1,8 +1,11 @@
 """The swap transaction: validate -> load -> stage -> verify -> commit -> record.
 
 Everything before commit touches only the standby slot while the live slot keeps serving, so any
-failure leaves the live slot bitwise untouched: atomic by construction. Commit is one flip of the
-slot index, run by the engine's worker between batches; its duration is the serving stall.
+failure leaves the live slot bitwise untouched: atomic by construction. Staging waits until no running
+row is pinned to the standby slot (rows admitted before the previous commit), bounded by
+``server.request_timeout_s``. Verify runs the smoke prompts as ordinary rows on standby, beside live
+traffic. Commit changes which slot new rows get, run by the engine's worker before its next step; its
+duration is the serving stall.
 One transaction at a time (a lock); rollback is one more flip, or a re-stage from the recorded
 files when a later staging has overwritten the standby slot.
 """
@@ -143,8 +146,7 @@ class Swapper:
                 if slots.contents[slots.standby] != prev:
                     # A later staging overwrote standby: bring the previous version back from its files.
                     weights, scalings = self._reload(prev, timer)
-                    with timer.phase("stage"):
-                        slots.stage(slots.standby, prev, weights, scalings)
+                    self._stage(prev, weights, scalings, timer)
                 stall = self._commit(timer)
             except AdapterRejected as exc:
                 raise SwapError("rollback", f"previous version {prev.version} is no longer valid: {exc}") from exc
@@ -164,9 +166,7 @@ class Swapper:
 
     # ---- phases -----------------------------------------------------------------------------
     def _stage_verify_commit(self, target: AdapterVersion, spec: AdapterSpec, weights: dict, timer: _Timer) -> float:
-        slots = self.engine.slots
-        with timer.phase("stage"):
-            slots.stage(slots.standby, target, weights, spec.scalings)
+        self._stage(target, weights, spec.scalings, timer)
         self._notify(
             "staged",
             SwapRecord(target.version, target.sha256, target.source, target.path, "staged", phases=dict(timer.phases)),
@@ -175,6 +175,18 @@ class Swapper:
             with timer.phase("verify"):
                 self._verify(spec)
         return self._commit(timer)
+
+    def _stage(self, version: AdapterVersion, weights: dict, scalings: dict[str, float], timer: _Timer) -> None:
+        """Copy ``version`` into the standby slot once no running row uses it any more."""
+        slots, timeout = self.engine.slots, self.engine.config.server.request_timeout_s
+        with timer.phase("stage"):
+            if not slots.wait_unpinned(slots.standby, timeout):
+                raise SwapError(
+                    "stage",
+                    f"{slots.pinned(slots.standby)} requests still run on the standby slot's version after "
+                    f"{timeout:g}s (server.request_timeout_s); not staging over them",
+                )
+            slots.stage(slots.standby, version, weights, scalings)
 
     def _verify(self, spec: AdapterSpec) -> None:
         outputs = self.engine.probe(list(self.validation.smoke_prompts), self.engine.slots.standby)
@@ -193,7 +205,7 @@ class Swapper:
             stall.append(time.perf_counter() - t0)
 
         with timer.phase("commit"):
-            self.engine.call_between_batches(flip).result()
+            self.engine.between_steps(flip).result()
         return stall[0]
 
     def _reload(self, version: AdapterVersion, timer: _Timer) -> tuple[dict, dict[str, float]]:

@@ -1,0 +1,119 @@
+"""The static KV cache and the attention that reads it.
+
+Every layer's keys and values live in one preallocated tensor each, ``[rows, kv_heads, max_seq_len,
+head_dim]`` (gpt-fast style). A row of the cache belongs to one running request from admission to its
+last token; a token's K/V are written in place at ``(row, position)``. Nothing is ever concatenated or
+reallocated, so a decode step has the same shapes every time: one compiled graph per batch-size bucket,
+and on CUDA one CUDA graph.
+
+The model's own attention modules keep their projections, rotary embedding and LoRA layers; only the
+attention kernel is ours (registered with transformers' ``AttentionInterface`` as ``"hotswapd"``). It
+gets the step's cache rows and positions through the forward's keyword arguments (``hotswap_kv``), which
+transformers passes down to every attention call. Grouped-query attention goes to SDPA with
+``enable_gqa``, so repeated K/V are never materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION = "hotswapd"
+
+
+class KVCache:
+    """Preallocated K and V for ``rows`` rows of ``max_seq_len`` positions, for every layer."""
+
+    def __init__(
+        self, layers: int, rows: int, kv_heads: int, max_seq_len: int, head_dim: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        shape = (rows, kv_heads, max_seq_len, head_dim)
+        self.rows, self.max_seq_len = rows, max_seq_len
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        for t in (*self.k, *self.v):
+            # Written in place by every step: CUDA graphs must treat them as fixed addresses, not inputs to copy.
+            torch._dynamo.mark_static_address(t)
+
+    @classmethod
+    def for_model(cls, config: Any, rows: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, rows, kv_heads, max_seq_len, head_dim, device, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+@dataclass
+class StepView:
+    """What one forward writes to and reads from the cache.
+
+    Prefill (``decode_rows`` is None): batch row ``i`` is cache row ``rows[i]`` and its prompt starts at
+    position 0, so attention is causal over the step's own keys (right padding is never attended to by a
+    real token). Decode: batch row ``i`` *is* cache row ``i`` of the first ``decode_rows`` rows (a view, no
+    gather); each row attends to the positions up to its own (``mask``).
+    """
+
+    cache: KVCache
+    rows: torch.Tensor  # [B] cache row of each batch row
+    positions: torch.Tensor  # [B, q] position of each query token
+    decode_rows: int | None = None
+    mask: torch.Tensor | None = None  # decode: [B, 1, 1, max_seq_len], True where a row may attend
+
+
+def decode_view(cache: KVCache, positions: torch.Tensor) -> StepView:
+    """The view of a decode step over cache rows ``0 .. n-1``; ``positions``: [n, 1]. Traceable."""
+    n = positions.shape[0]
+    rows = torch.arange(n, device=positions.device)
+    seen = torch.arange(cache.max_seq_len, device=positions.device)
+    mask = (seen[None, :] <= positions)[:, None, None, :]  # [n, 1, 1, S]
+    return StepView(cache, rows, positions, decode_rows=n, mask=mask)
+
+
+def static_cache_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, heads, q, head_dim]
+    key: torch.Tensor,  # [B, kv_heads, q, head_dim]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    hotswap_kv: StepView | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    if hotswap_kv is None:
+        raise RuntimeError("hotswapd's attention runs only inside the engine (no hotswap_kv given)")
+    view, layer = hotswap_kv, module.layer_idx  # type: ignore[attr-defined]
+    k_cache, v_cache = view.cache.k[layer], view.cache.v[layer]
+    where = (view.rows[:, None], slice(None), view.positions)  # -> [B, q, kv_heads, head_dim]
+    k_cache[where] = key.transpose(1, 2)
+    v_cache[where] = value.transpose(1, 2)
+    gqa = query.shape[1] != key.shape[1]
+    if view.decode_rows is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    else:
+        n = view.decode_rows
+        out = F.scaled_dot_product_attention(
+            query, k_cache[:n], v_cache[:n], attn_mask=view.mask, scale=scaling, enable_gqa=gqa
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """transformers builds no mask for our attention: the kernel derives it from the step's positions."""
+    return None
+
+
+def register() -> None:
+    """Make ``attn_implementation="hotswapd"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, static_cache_attention)
+    AttentionMaskInterface.register(ATTENTION, _no_mask)

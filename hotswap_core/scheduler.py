@@ -1,0 +1,101 @@
+"""Iteration-level scheduling: which request occupies which row of the KV cache, step by step.
+
+Requests wait in groups (the prompts of one HTTP request, admitted together so they run on one version).
+Each engine step admits waiting groups into free rows (lowest free row first, so decode batches stay
+small), and a row is retired the step its request finishes: its future resolves, its stream ends and the
+row is free for the next step. A row is pinned to the adapter slot that was live when it was admitted
+(or to the standby slot, for a swap's smoke prompts) and keeps it to its last token.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from hotswap_core.generation import GenerationRequest, RowState
+from hotswap_core.slots import AdapterVersion
+
+
+@dataclass(eq=False)
+class Row:
+    """A request running in cache row ``index``, on adapter ``slot`` (``version``)."""
+
+    index: int
+    state: RowState
+    slot: int
+    version: AdapterVersion
+    started_at: float
+    check_finite: bool = False  # smoke prompts: record whether every step's logits were finite
+    finite: bool = True
+    capture: bool = False  # keep the first step's logits (``Engine.last_logits``)
+    logits: torch.Tensor | None = None
+
+    @property
+    def position(self) -> int:
+        """Position of the token the next decode step feeds: the last one sampled."""
+        return len(self.state.prompt_ids) + len(self.state.ids) - 1
+
+
+@dataclass(eq=False)
+class Group:
+    """The requests of one HTTP request; ``slot`` pins them to a slot (None: the live one at admission)."""
+
+    requests: list[GenerationRequest]
+    slot: int | None = None
+    check_finite: bool = False
+    capture: bool = False
+    rows: list[Row] = field(default_factory=list)
+
+
+class RowTable:
+    """Waiting groups and the ``size`` rows of the cache. The engine's condition variable guards the queue
+    (``waiting``, ``queued``); the rows are touched only by the thread that runs the steps."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rows: list[Row | None] = [None] * size
+        self.waiting: deque[Group] = deque()
+        self.queued = 0  # requests waiting
+
+    @property
+    def free(self) -> int:
+        return sum(r is None for r in self.rows)
+
+    @property
+    def active(self) -> list[Row]:
+        return [r for r in self.rows if r is not None]
+
+    def take_admissible(self) -> list[Group]:
+        """Pop the waiting groups that fit in the free rows now, in arrival order (a group that does not fit
+        waits, and so does everything behind it: first come, first served)."""
+        free, out = self.free, []
+        while self.waiting and len(self.waiting[0].requests) <= free:
+            group = self.waiting.popleft()
+            self.queued -= len(group.requests)
+            free -= len(group.requests)
+            out.append(group)
+        return out
+
+    def place(self, row: Row) -> None:
+        """Put ``row`` in the lowest free row of the cache (admission made sure there is one)."""
+        row.index = next(i for i, r in enumerate(self.rows) if r is None)
+        self.rows[row.index] = row
+
+    def retire(self, row: Row) -> None:
+        self.rows[row.index] = None
+
+    def bucket_rows(self, buckets: tuple[int, ...]) -> int:
+        """Rows a decode step covers: the smallest bucket holding the highest occupied row."""
+        top = max((r.index for r in self.rows if r is not None), default=-1) + 1
+        return next(b for b in buckets if b >= top)
+
+
+def buckets_for(max_rows: int) -> tuple[int, ...]:
+    """Decode batch sizes that get a graph each: powers of two up to ``max_rows``, and ``max_rows``."""
+    out, b = [], 1
+    while b < max_rows:
+        out.append(b)
+        b *= 2
+    return (*out, max_rows)
