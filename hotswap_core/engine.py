@@ -163,8 +163,12 @@ class Engine:
         self._decoder = self.model.get_decoder()  # type: ignore[operator]
         self._head = self.model.get_output_embeddings()  # type: ignore[operator]
         self.cache = KVCache.for_model(base.config, self.max_batch_size, self.max_seq_len, self.device, self.dtype)
-        log.info("static KV cache: %d rows x %d positions, %.1f MiB", self.max_batch_size, self.max_seq_len,
-                 self.cache.nbytes / 2**20)
+        log.info(
+            "static KV cache: %d rows x %d positions, %.1f MiB",
+            self.max_batch_size,
+            self.max_seq_len,
+            self.cache.nbytes / 2**20,
+        )
         self._prefill_fn, self._decode_fn = self._compile()
 
     def _compile(self) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
@@ -176,8 +180,12 @@ class Engine:
             # Read by inductor when it first needs its cache dir; the FX graph cache makes warm starts fast.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", c.cache_dir)
         self._configure_dynamo()
-        log.info("compiling decode with mode %r (one graph per batch size %s), prefill with %r", self.mode,
-                 list(self.buckets), _NO_GRAPHS.get(self.mode, self.mode))
+        log.info(
+            "compiling decode with mode %r (one graph per batch size %s), prefill with %r",
+            self.mode,
+            list(self.buckets),
+            _NO_GRAPHS.get(self.mode, self.mode),
+        )
         prefill = torch.compile(self._prefill_forward, mode=_NO_GRAPHS.get(self.mode, self.mode), dynamic=c.dynamic)
         # Decode shapes never change within a bucket: static, so each bucket is one graph (a CUDA graph on CUDA).
         decode = torch.compile(self._decode_forward, mode=self.mode, dynamic=False)
@@ -413,7 +421,7 @@ class Engine:
             except Exception as exc:  # a bad request fails alone, never the step
                 req.future.set_exception(exc)
                 continue
-            row = Row(-1, state, slot, self.slots.pin(slot), time.monotonic(), group.check_finite, capture=group.capture)
+            row = Row(-1, state, slot, self.slots.pin(slot), time.monotonic(), group.check_finite, group.capture)
             self.table.place(row)
             group.rows.append(row)
             if req.on_start is not None:

@@ -28,7 +28,14 @@ class KVCache:
     """Preallocated K and V for ``rows`` rows of ``max_seq_len`` positions, for every layer."""
 
     def __init__(
-        self, layers: int, rows: int, kv_heads: int, max_seq_len: int, head_dim: int, device: torch.device, dtype: torch.dtype
+        self,
+        layers: int,
+        rows: int,
+        kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         shape = (rows, kv_heads, max_seq_len, head_dim)
         self.rows, self.max_seq_len = rows, max_seq_len
@@ -89,7 +96,7 @@ def static_cache_attention(
 ) -> tuple[torch.Tensor, None]:
     if hotswap_kv is None:
         raise RuntimeError("hotswapd's attention runs only inside the engine (no hotswap_kv given)")
-    view, layer = hotswap_kv, module.layer_idx  # type: ignore[attr-defined]
+    view, layer = hotswap_kv, int(module.layer_idx)  # type: ignore[arg-type]  # set by every attention module
     k_cache, v_cache = view.cache.k[layer], view.cache.v[layer]
     where = (view.rows[:, None], slice(None), view.positions)  # -> [B, q, kv_heads, head_dim]
     k_cache[where] = key.transpose(1, 2)

@@ -28,8 +28,8 @@ class Row:
     version: AdapterVersion
     started_at: float
     check_finite: bool = False  # smoke prompts: record whether every step's logits were finite
-    finite: bool = True
     capture: bool = False  # keep the first step's logits (``Engine.last_logits``)
+    finite: bool = True
     logits: torch.Tensor | None = None
 
     @property
