@@ -1,0 +1,228 @@
+"""Continuous batching with per-request adapter pinning, against an independent eager PEFT model.
+
+Latency is counted in decode steps (``Engine.steps``), never in seconds. Outputs are compared token for
+token with a fresh eager ``PeftModel`` decoding greedily, one prompt at a time, for the version each
+response names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from hotswap_core.generation import GenerationRequest, GenerationResult, SamplingParams
+from hotswap_core.history import History
+from hotswap_core.swap import Swapper
+
+from .factory import make_adapter
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Hello =>", "ab", "x" * 40, "The quick brown fox jumps =>", "q" * 90, "Zürich =>"]
+LONGEST = 40
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+POOL: dict[str, dict[str, Any]] = {
+    "p_r8": dict(r=8, alpha=8, targets=ALL),
+    "p_r4_sub": dict(r=4, alpha=16, targets=["q_proj", "v_proj", "down_proj"]),
+    "p_rslora": dict(r=6, alpha=12, targets=ALL, use_rslora=True),
+}
+
+
+@pytest.fixture(scope="module")
+def pool(demo_assets: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pool")
+    return {n: make_adapter(demo_assets.base, root / n, seed=300 + i, **kw) for i, (n, kw) in enumerate(POOL.items())}
+
+
+@pytest.fixture(scope="module")
+def eager(demo_assets: Any, pool: dict[str, Path], engine: Any) -> dict[str, dict[str, list[int]]]:
+    """Greedy tokens (EOS ignored, ``LONGEST`` of them) per adapter and prompt, from a fresh eager PeftModel."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for name, path in pool.items():
+        model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), path).eval()
+        out[name] = {p: _greedy(model, engine.tokenizer.encode(p, add_special_tokens=False), LONGEST) for p in PROMPTS}
+    assert len({tuple(map(tuple, v.values())) for v in out.values()}) == len(pool), "adapters must differ"
+    return out
+
+
+@torch.inference_mode()
+def _greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    from transformers import DynamicCache
+
+    cache, tokens = DynamicCache(config=model.config), []
+    step = torch.tensor([ids])
+    for _ in range(n):
+        logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits[0, -1]
+        tokens.append(int(logits.argmax()))
+        step = torch.tensor([[tokens[-1]]])
+    return tokens
+
+
+@pytest.fixture
+def swapper(engine: Any, demo_config: Any, tmp_path: Path) -> Swapper:
+    return Swapper(engine, demo_config.validation, History(str(tmp_path / "state")))
+
+
+def _fixed(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, ignore_eos=True)
+
+
+def _after_tokens(n: int) -> tuple[threading.Event, Any]:
+    """An event set once a stream has delivered ``n`` chunks (demo tokenizer: one character per token)."""
+    seen, count = threading.Event(), [0]
+
+    def on_text(_t: str) -> None:
+        count[0] += 1
+        if count[0] >= n:
+            seen.set()
+
+    return seen, on_text
+
+
+def test_a_short_request_gets_its_tokens_within_a_few_steps_of_long_generations(engine: Any) -> None:
+    """Admitted at the next step, answered in 4 decode steps, while two 240-token generations keep running."""
+    started, on_text = _after_tokens(5)
+    longs = [GenerationRequest("Hello =>", _fixed(240), on_text=on_text) for _ in range(2)]
+    long_futures = [engine.submit(r) for r in longs]
+    assert started.wait(60)
+    at_submit = engine.steps
+    steps: dict[str, int] = {}
+    short = GenerationRequest("abc", _fixed(4), on_start=lambda _v: steps.setdefault("admitted", engine.steps))
+    short.future.add_done_callback(lambda _f: steps.setdefault("done", engine.steps))
+    assert engine.submit(short).result(60).completion_tokens == 4
+    assert not any(f.done() for f in long_futures), "the long generations should still be running"
+    # Admitted before the next decode step; then its prefill gives token 1 and 3 decode steps tokens 2-4.
+    assert steps["admitted"] - at_submit <= 1, steps
+    assert steps["done"] - steps["admitted"] <= 3, steps
+    assert all(f.result(120).completion_tokens == 240 for f in long_futures)
+
+
+def test_rows_of_two_versions_share_steps_and_each_matches_eager_peft(
+    engine: Any, swapper: Swapper, pool: dict[str, Path], eager: dict[str, dict[str, list[int]]]
+) -> None:
+    """55 swaps under 3 clients of mixed lengths, compile stance ``fail_on_recompile``: every response equals the
+    eager PEFT model's greedy tokens for the version it names; a request sent after a commit returned runs on that
+    version or a newer one; and many requests admitted before a commit finished after it, on their old version."""
+    rng = random.Random(5)
+    names = list(pool)
+    order = [names[0]]
+    while len(order) < 56:
+        order.append(rng.choice([n for n in names if n != order[-1]]))  # never "unchanged"
+    version_of: dict[str, tuple[int, str]] = {}  # version name -> (commit index, adapter)
+    commits = [0]  # commits returned so far
+    assert swapper.swap(pool[order[0]], version="c00").result in ("success", "unchanged")
+    version_of["c00"] = (0, order[0])
+    done = threading.Event()
+    records: list[Any] = []
+
+    def producer() -> None:
+        try:
+            for i, name in enumerate(order[1:], 1):
+                version_of[f"c{i:02d}"] = (i, name)
+                records.append(swapper.swap(pool[name], version=f"c{i:02d}"))
+                commits[0] = i
+        finally:
+            done.set()
+
+    results: list[tuple[str, int, GenerationResult, str]] = []  # prompt, commits at submit, result, live at end
+    errors: list[BaseException] = []
+
+    def client(seed: int) -> None:
+        r = random.Random(seed)
+        while not done.is_set():
+            prompt, n = r.choice(PROMPTS), r.choice([1, 3, 8, 20, LONGEST])
+            at_submit = commits[0]
+            req = GenerationRequest(prompt, _fixed(n))
+            live_at_end: list[str] = []
+
+            def note_live(_f: Any, into: list[str] = live_at_end) -> None:
+                into.append(engine.slots.live_version.version)
+
+            req.future.add_done_callback(note_live)
+            try:
+                res = engine.submit(req).result(120)
+            except BaseException as exc:  # reported below, with the rest
+                errors.append(exc)
+                return
+            results.append((prompt, at_submit, res, live_at_end[0]))
+
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        threads = [threading.Thread(target=client, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        producer()
+        for t in threads:
+            t.join(180)
+    finally:
+        torch.compiler.set_stance("default")
+
+    assert errors == []
+    assert [r.result for r in records].count("success") == len(order) - 1 >= 50
+    assert engine.recompilations == 0
+    wrong = []
+    for prompt, at_submit, res, _ in results:
+        index, adapter = version_of[res.adapter.version]
+        if list(res.token_ids) != eager[adapter][prompt][: res.completion_tokens]:
+            wrong.append((res.adapter.version, adapter, prompt, res.completion_tokens))
+        assert index >= at_submit, f"sent after commit {at_submit} returned, yet served by {res.adapter.version}"
+    assert wrong == []
+    spanned = [res for _, _, res, live in results if live != res.adapter.version]
+    assert len(spanned) >= 10, f"only {len(spanned)} of {len(results)} requests finished after a newer commit"
+    assert len({res.adapter.version for _, _, res, _ in results}) >= 20
+
+
+def test_staging_waits_for_rows_pinned_to_the_standby_slot(
+    engine: Any, swapper: Swapper, pool: dict[str, Path], eager: dict[str, dict[str, list[int]]]
+) -> None:
+    """Rows on version A keep running after B's commit; C's staging (into A's slot) waits for them, and their
+    outputs stay exactly A's. Staging into a pinned slot directly is refused."""
+    a, b, c = pool["p_r8"], pool["p_r4_sub"], pool["p_rslora"]
+    assert swapper.swap(a).result in ("success", "unchanged")
+    started, on_text = _after_tokens(3)
+    rows = [GenerationRequest(p, _fixed(LONGEST), on_text=on_text) for p in ("Hello =>", "ab")]
+    futures = [engine.submit(r) for r in rows]
+    assert started.wait(60)
+    assert swapper.swap(b).result == "success"
+    slots = engine.slots
+    assert slots.contents[slots.standby].version == "p_r8" and slots.pinned(slots.standby) == 2
+    with pytest.raises(RuntimeError, match="running rows use it"):
+        slots.stage(slots.standby, slots.contents[slots.standby], {}, {})
+    order: list[str] = []
+    for f in futures:
+        f.add_done_callback(lambda _f: order.append("row done"))
+    record = swapper.swap(c)
+    order.append("C committed")
+    assert record.result == "success"
+    assert order == ["row done", "row done", "C committed"]
+    for prompt, f in zip(("Hello =>", "ab"), futures, strict=True):
+        res = f.result()
+        assert res.adapter.version == "p_r8"
+        assert list(res.token_ids) == eager["p_r8"][prompt]
+
+
+def test_a_swap_gives_up_on_a_pinned_slot_after_request_timeout(
+    engine: Any, swapper: Swapper, pool: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait is bounded by server.request_timeout_s: the swap fails in stage, the live version serves on."""
+    assert swapper.swap(pool["p_r8"]).result in ("success", "unchanged")
+    started, on_text = _after_tokens(3)
+    future = engine.submit(GenerationRequest("Hello =>", _fixed(240), on_text=on_text))
+    assert started.wait(60)
+    assert swapper.swap(pool["p_r4_sub"]).result == "success"
+    server = dataclasses.replace(engine.config.server, request_timeout_s=0.05)
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, server=server))
+    record = swapper.swap(pool["p_rslora"])
+    assert (record.result, record.reason) == ("failed", "stage_failed"), record
+    assert "server.request_timeout_s" in (record.message or "")
+    assert engine.slots.live_version.version == "p_r4_sub"
+    assert future.result(120).adapter.version == "p_r8"
+    assert engine.generate(["Hello =>"], _fixed(3))[0].adapter.version == "p_r4_sub"
