@@ -1,0 +1,107 @@
+"""On CUDA: bf16, ``compile.mode: reduce-overhead`` (decode replayed as CUDA graphs).
+
+Run with ``python -m pytest -q -m gpu`` on a machine with a GPU (``.ci/gpu-check`` runs these and
+``hotswapd bench --quick``). Deselected by default (``-m 'not gpu'`` in pyproject's addopts); skipped
+where ``torch.cuda.is_available()`` is false.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hotswap_core.generation import GenerationRequest, SamplingParams
+from hotswap_core.history import History
+from hotswap_core.swap import Swapper
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+PROMPTS = ["Hello =>", "The quick brown fox =>", "x" * 60, "q"]
+
+
+@pytest.fixture(scope="module")
+def cuda_engine(demo_config: Any) -> Iterator[Any]:
+    from hotswap_core.engine import Engine
+
+    m = demo_config.model
+    model = dataclasses.replace(m, device="cuda", dtype="bfloat16", compile=dataclasses.replace(m.compile, mode="auto"))
+    engine = Engine(dataclasses.replace(demo_config, model=model))
+    engine.load()
+    engine.warm_up()
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def swapper(cuda_engine: Any, demo_config: Any, tmp_path: Path) -> Swapper:
+    return Swapper(cuda_engine, demo_config.validation, History(str(tmp_path / "state")))
+
+
+def _eager_logits(base: Path, adapter: Path | None, tokenizer: Any) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).cuda().eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    rows = []
+    with torch.inference_mode():
+        for p in PROMPTS:
+            ids = torch.tensor([tokenizer.encode(p, add_special_tokens=False)], device="cuda")
+            rows.append(model(input_ids=ids).logits[0, -1].float().cpu())
+    return torch.stack(rows)
+
+
+def _cudagraph_counters() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"]), int(
+        counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    )
+
+
+def test_auto_mode_is_cuda_graphs_in_bf16(cuda_engine: Any) -> None:
+    assert (cuda_engine.mode, cuda_engine.dtype) == ("reduce-overhead", torch.bfloat16)
+    assert _cudagraph_counters()[0] == 0, "inductor skipped CUDA graphs for the decode step"
+
+
+def test_equivalent_to_eager_peft(cuda_engine: Any, swapper: Swapper, demo_assets: Any) -> None:
+    for adapter in (demo_assets.alpha, demo_assets.bravo):
+        assert swapper.swap(adapter).result in ("success", "unchanged")
+        got = cuda_engine.last_logits(PROMPTS)
+        want = _eager_logits(demo_assets.base, adapter, cuda_engine.tokenizer)
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() <= 0.03 * scale, adapter.name
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.75
+
+
+def test_hundred_swaps_no_recompile_no_rerecording(cuda_engine: Any, swapper: Swapper, demo_assets: Any) -> None:
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    reference = {}
+    for adapter in (demo_assets.alpha, demo_assets.bravo):
+        swapper.swap(adapter)
+        reference[adapter.name] = [r.token_ids for r in cuda_engine.generate(PROMPTS, params)]
+    before = _cudagraph_counters()
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        for i in range(100):
+            adapter = (demo_assets.alpha, demo_assets.bravo)[i % 2]
+            futures = [cuda_engine.submit(GenerationRequest(p, params)) for p in PROMPTS[: 1 + i % len(PROMPTS)]]
+            assert swapper.swap(adapter).result == "success"
+            for p, f in zip(PROMPTS, futures, strict=False):
+                res = f.result(60)
+                assert res.token_ids == reference[res.adapter.version][PROMPTS.index(p)]
+    finally:
+        torch.compiler.set_stance("default")
+    assert cuda_engine.recompilations == 0
+    assert _cudagraph_counters() == before, "CUDA graphs were skipped or re-recorded during the swaps"
