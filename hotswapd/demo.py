@@ -63,7 +63,7 @@ model:
   path: base
   dtype: float32
   device: auto
-  compile: {enabled: true, mode: default, dynamic: true, cache_dir: cache/inductor}
+  compile: {enabled: true, mode: auto, dynamic: true, cache_dir: cache/inductor}
   max_batch_size: 8
   max_seq_len: 256
 adapter:
