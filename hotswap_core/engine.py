@@ -109,6 +109,7 @@ class Engine:
         self.ready = threading.Event()
         self.last_loop_at = time.monotonic()  # heartbeat: proves the serving loop turns
         self.steps = 0  # decode steps run (tests count latency in steps, not seconds)
+        self.control_seconds = 0.0  # the worker's time in control operations: serving paused, all swaps together
         self._graphs_after_warmup: int | None = None
         self._cv = threading.Condition()  # guards the queue (table.waiting), _control and _stopping
         self.table = RowTable(self.max_batch_size)
@@ -367,6 +368,10 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(drain_timeout)
+            if self._thread.is_alive():  # the drain ran out: running rows end at their next token, as cancelled
+                for row in self.table.active:
+                    row.state.request.cancelled.set()
+                self._thread.join(5.0)
         with self._cv:
             leftover = [r for group in self.table.waiting for r in group.requests]
             self.table.waiting.clear()
@@ -389,8 +394,20 @@ class Engine:
                     return
             self.last_loop_at = time.monotonic()
             for fn, fut in control:
-                _run_into(fn, fut)
+                _run_into(self._timed(fn), fut)
             self._step()
+
+    def _timed(self, fn: Callable[[], T]) -> Callable[[], T]:
+        """``fn``, adding its time to ``control_seconds`` before its future resolves."""
+
+        def run() -> T:
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                self.control_seconds += time.perf_counter() - t0
+
+        return run
 
     def _run_until_idle(self) -> None:
         """Run steps on the calling thread until nothing waits or runs (warm-up, and before ``start()``)."""

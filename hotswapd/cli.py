@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default="demo", help="demo (default), a model folder or Hub id, or a hotswapd config")
     v.add_argument("--quick", action="store_true", help="fewer repetitions: a few minutes on 2 CPU cores")
     v.add_argument("--json", metavar="OUT", help="also write every figure to OUT as JSON")
+    v.add_argument(
+        "--no-geometry", action="store_true", help="skip the serving figures on the Qwen2.5-1.5B-geometry model"
+    )
     v.add_argument("--workdir", help=argparse.SUPPRESS)  # keep the adapters, configs and daemon logs there
     v.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds, no compile: for the test
     v.add_argument("--fleet", action="store_true", help="instead: fleet convergence (a branch moved -> live on all)")
@@ -259,7 +262,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.fleet:
         return _bench_fleet(args, workdir)
     mode: Mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    config = BenchConfig.preset(mode, model=args.model, workdir=workdir)
+    extra = {"geometry": False} if args.no_geometry else {}
+    config = BenchConfig.preset(mode, model=args.model, workdir=workdir, **extra)
     result = run_bench(config, progress=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     print(result.table)
     if args.json:

@@ -222,8 +222,10 @@ def parse_completion(
     max_seq_len: int,
     max_prompts: int,
     defaults: Mapping[str, float] | None = None,
+    vocab_size: int | None = None,
 ) -> Call:
-    """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or lists of token ids."""
+    """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or lists of token ids
+    (each below ``vocab_size``: an id past the embedding is refused here, before anything is streamed)."""
     _model(body)
     _refuse_unsupported(body, chat=False)
     raw = body.get("prompt")
@@ -242,6 +244,10 @@ def parse_completion(
         if isinstance(item, str):
             prompts.append(tokenize(item))
         elif isinstance(item, list) and item and all(_is_token(t) for t in item):
+            outside = next((t for t in item if vocab_size is not None and not 0 <= t < vocab_size), None)
+            if outside is not None:
+                assert vocab_size is not None
+                raise bad(f"token id {outside} is outside this model's vocabulary (0 to {vocab_size - 1})", "prompt")
             prompts.append(list(item))
         else:
             raise bad("each prompt must be a string or a non-empty list of token ids", "prompt")

@@ -321,7 +321,12 @@ class Server:
         def parse() -> protocol.Call:
             body = protocol.parse_json(raw)
             return protocol.parse_completion(
-                body, self._tokenize, self.engine.max_seq_len, self.engine.max_batch_size, self.engine.sampling_defaults
+                body,
+                self._tokenize,
+                self.engine.max_seq_len,
+                self.engine.max_batch_size,
+                self.engine.sampling_defaults,
+                self.engine.vocab_size,
             )
 
         call = await self._off_loop(parse)

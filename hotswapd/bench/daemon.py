@@ -27,6 +27,8 @@ PROMPT = "Hello =>"
 _POLL_S = 0.02  # /readyz polling while a daemon starts
 _LIVE_POLL_S = 0.005  # pause between completions while waiting for a landed version to serve
 SWAP_EVERY_S = 0.2  # latency under swaps: one admin swap this often
+# Set to another checkout's root, the bench measures that checkout's ``hotswapd run`` (before/after tables).
+DAEMON_PYTHONPATH = "HOTSWAPD_BENCH_DAEMON_PYTHONPATH"
 
 
 @dataclass
@@ -55,6 +57,9 @@ class DaemonRun:
     def __init__(self, config: Path, sock: Path, log: Path, cache_dir: Path) -> None:
         self.sock, self.log_path = sock, log
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+        other = os.environ.get(DAEMON_PYTHONPATH)
+        if other:  # another checkout's daemon (a before/after table); the bench itself stays this one
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [other, env.get("PYTHONPATH")]))
         self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(

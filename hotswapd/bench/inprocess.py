@@ -82,7 +82,7 @@ class HotswapdInProcess:
         self.warmup_seconds = self.engine.warm_up()
         self.engine.start()
         self.swapper = Swapper(self.engine, config.validation, History(str(state_dir)))
-        self.commit_and_verify: list[float] = []  # the worker's time away from serving per swap
+        self.commit_and_verify: list[float] = []  # the worker's time away from serving per swap, verify included
 
     def stop(self) -> None:
         self.engine.stop(5.0)
@@ -98,10 +98,11 @@ class HotswapdInProcess:
         order = cycle(paths)
 
         def turn() -> float:
+            paused = self.engine.control_seconds
             record = self.swap(next(order))
             assert record.stall_s is not None, record
-            # Smoke prompts run on the worker between batches too: serving waits for them as well.
-            self.commit_and_verify.append(record.stall_s + record.phases.get("verify", 0.0))
+            # Everything the swap ran on the serving worker (smoke prompts run as rows of ordinary steps).
+            self.commit_and_verify.append(self.engine.control_seconds - paused)
             return record.stall_s
 
         return turn

@@ -8,6 +8,7 @@ import platform
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hotswapd.bench import serving_report
 from hotswapd.bench.stats import LoadWindow, ratio, summarize
 
 if TYPE_CHECKING:
@@ -22,13 +23,14 @@ SECTIONS = (
     "throughput_tokens_per_second",
     "startup_seconds",
     "arrival_lag",
+    *serving_report.SECTIONS,
     "machine",
 )
 
 # What each contender's sample is, for the table and the JSON.
 LABELS = {
     "hotswapd_commit": "hotswapd commit (slot flip between batches)",
-    "hotswapd_commit_and_verify": "hotswapd worker paused (smoke prompts + commit)",
+    "hotswapd_commit_and_verify": "hotswapd serving paused per swap, verify included",
     "peft_hotswap_copy": "PEFT hotswap_adapter_from_state_dict (copy only)",
     "peft_hotswap_adapter": "PEFT hotswap_adapter (read + copy)",
     "peft_load_set_adapter": "PEFT load_adapter+set_adapter -> 1st token",
@@ -75,6 +77,11 @@ def stall(samples: dict[str, list[float]]) -> dict[str, Any]:
                 "PEFT in-place copy / hotswapd commit (median) >= 4x",
                 r := ratio(peft["median"], ours["median"]),
                 r >= 4,
+            ),
+            _target(
+                "serving paused per swap, verify included, p99 <= 100 µs",
+                paused := c["hotswapd_commit_and_verify"]["p99"],
+                paused <= 100e-6,
             ),
         ],
         "notes": "blocking calls are timed alone; load_adapter+set_adapter until the first token after it; "
@@ -364,6 +371,7 @@ def render(f: dict[str, Any]) -> str:
     note = f"{al['went_live']} of {al['arrivals']} went live"
     lines += _rows(al["contenders"], _seconds, {"went_live": note})
     lines += _targets(al, _seconds)
+    lines += serving_report.render(f, 8)
     return "\n".join(lines)
 
 

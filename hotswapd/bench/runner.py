@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import cycle
 from pathlib import Path
 from typing import Any, Literal
@@ -26,13 +26,15 @@ from typing import Any, Literal
 import yaml
 
 from hotswap_core.config import Config
-from hotswapd.bench import report
+from hotswapd.bench import report, serving_report
 from hotswapd.bench.adapters import write_pool
 from hotswapd.bench.daemon import PROMPT, DaemonBench
 from hotswapd.bench.inprocess import HotswapdInProcess, PeftCompiled, configure_dynamo, on_own_thread
+from hotswapd.bench.serving import ModelFigures, Sizes, TransformersGenerate, measure
 from hotswapd.bench.stats import LoadWindow, closed_loop, interleave
 
 Mode = Literal["full", "quick", "tiny"]
+GEOMETRY = Sizes(rounds=2, short_requests=6, mixed_requests=8, swaps=6, mixed_lengths=(4, 16, 32, 64))
 ARRIVE_EVERY = 0.8  # arrival lag: versions land every 0.8 x settle_seconds, faster than they settle
 
 
@@ -61,6 +63,11 @@ class BenchConfig:
     pool_size: int = 12
     settle_seconds: float | None = None  # None: the model config's source.directory.settle_seconds
     start_timeout_s: float = 900.0
+    # The engine's figures (head-of-line, TTFT, commit -> live, sampling, vs generate()), on the demo model and,
+    # with ``geometry``, on Qwen2.5-1.5B's geometry (``bench.geometry``: a step costs 30x the demo's, so fewer).
+    serving: Sizes = field(default_factory=Sizes)
+    geometry: bool = True
+    geometry_serving: Sizes = field(default_factory=lambda: GEOMETRY)
 
     @classmethod
     def preset(cls, mode: Mode, **overrides: Any) -> BenchConfig:
@@ -72,12 +79,18 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         restarts=1, stall_swaps=30, load_set_swaps=2, recompile_swaps=200, landed_swaps=8, latency_rounds=2,
         latency_window_s=2.5, throughput_rounds=2, throughput_window_s=1.5, arrival_seconds=20.0,
+        serving=Sizes(rounds=2, short_requests=6, mixed_requests=16, swaps=8, sampling_window_s=1.5,
+                      sampling_tokens=32),
+        geometry_serving=Sizes(rounds=1, short_requests=4, mixed_requests=8, swaps=4, sampling_window_s=3.0,
+                               sampling_tokens=8, mixed_lengths=(4, 16, 32, 64)),
     ),
     "tiny": dict(
         compile=False, restarts=1, stall_swaps=3, load_set_swaps=1, recompile_swaps=6, landed_swaps=1,
         latency_rounds=1, latency_window_s=0.5, throughput_rounds=1, throughput_window_s=0.3,
         throughput_max_tokens=4, concurrency=(1, 2, 4, 8), pool_size=4, settle_seconds=0.2, start_timeout_s=300.0,
-        arrival_seconds=2.0,
+        arrival_seconds=2.0, geometry=False,
+        serving=Sizes(rounds=1, short_requests=2, mixed_requests=8, swaps=2, sampling_window_s=0.3,
+                      sampling_tokens=4, long_tokens=24, mixed_lengths=(2, 4, 8)),
     ),
 }  # fmt: skip
 
@@ -136,6 +149,7 @@ class _Run:
 
         c, say = self.config, self.say
         raw = self._base_config()
+        self.raw_model = raw["model"]
         probe = load_config(self._write(raw, "layout.yaml"))
         layout = layout_from_config(probe)
         pool = write_pool(layout, self.work / "adapters", c.pool_size, base_model=probe.model.path)
@@ -180,11 +194,16 @@ class _Run:
         every = ARRIVE_EVERY * self.settle
         say(f"arrival lag: a version every {every * 1000:.0f} ms for {c.arrival_seconds:g} s, newest settled goes live")
         arrivals = daemon.arrivals(paths, every, c.arrival_seconds, timeout=60.0 + 4 * self.settle)
+
+        label = "demo" if c.model == "demo" else Path(c.model).stem
+        serving = {label: self._serving(daemon, c.serving, paths, str(probe.model.path))}
         daemon.stop()
 
-        # Last: the PEFT models compile into this process (their graphs would count as the engine's).
+        # The PEFT models compile into this process (their graphs would count as the engine's).
         stall, graphs = on_own_thread(lambda: self._stall(hs, inproc_config, peft_paths))
         stall.update(restart)
+        if c.geometry:
+            serving.update(self._geometry(raw, probe.model.path))
         return {
             "stall_seconds": report.stall(stall),
             "landed_to_live_seconds": report.landed(landed, phases, self.settle),
@@ -193,7 +212,38 @@ class _Run:
             "throughput_tokens_per_second": report.throughput(throughput, c),
             "startup_seconds": report.startup(daemon.ready_seconds, restart),
             "arrival_lag": report.arrival_lag(arrivals, self.settle, ARRIVE_EVERY, c.arrival_seconds),
+            **serving_report.sections(serving),
         }
+
+    def _serving(self, daemon: DaemonBench, sizes: Sizes, paths: list[Path], model_path: str) -> ModelFigures:
+        max_seq_len = int(self.raw_model["max_seq_len"])
+
+        def generate() -> TransformersGenerate:
+            return TransformersGenerate(
+                model_path, paths[0], self.dtype, self.device, max_seq_len, compiled=self.config.compile
+            )
+
+        return measure(daemon, sizes, paths, generate, self.say)
+
+    def _geometry(self, raw: dict[str, Any], demo_base: str) -> dict[str, ModelFigures]:
+        """The serving figures again on Qwen2.5-1.5B's geometry (2 layers), with its own daemon and adapters."""
+        from hotswap_core.config import load_config
+        from hotswap_core.layout import layout_from_config
+        from hotswapd.bench.geometry import MODEL_NAME, build_geometry_model
+
+        self.say(f"building {MODEL_NAME} (Qwen2.5-1.5B's shapes, 2 layers, random weights)")
+        folder = build_geometry_model(self.work / MODEL_NAME, Path(demo_base))
+        geo = {**raw, "model": {**raw["model"], "path": str(folder)}}
+        layout = layout_from_config(load_config(self._write(geo, "geometry.yaml")))
+        paths = [p for _, p in write_pool(layout, self.work / "geometry-adapters", 4, base_model=str(folder))]
+        geo["adapter"] = {**geo["adapter"], "initial": str(paths[0])}
+        self.say(f"{MODEL_NAME}: hotswapd run (cold compile cache)")
+        daemon = DaemonBench(geo, self.work / "geometry-daemon", self.sock_dir, self.config.start_timeout_s)
+        try:
+            daemon.restart_turn(cold=True)()
+            return {MODEL_NAME: self._serving(daemon, self.config.geometry_serving, paths, str(folder))}
+        finally:
+            daemon.stop()
 
     def _stall(
         self, hs: HotswapdInProcess, config: Config, peft_paths: list[Path]

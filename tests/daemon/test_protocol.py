@@ -308,3 +308,13 @@ def test_any_body_is_a_call_or_a_400(body: dict[str, Any], with_prompt: bool) ->
         assert err.status == 400 and err.body()["error"]["type"] == "invalid_request_error"
     else:
         assert isinstance(call, Call) and 1 <= call.params.max_tokens <= SEQ - max(map(len, call.prompts))
+
+
+@pytest.mark.parametrize("prompt", [[1_000_000, 5], [[5], [259]], [[3, 4], [300, 2]]])
+def test_token_ids_outside_the_vocabulary_are_refused_before_anything_runs(prompt: Any) -> None:
+    """A 400 naming the id, not a failure mid-stream (an id past the embedding is an out-of-bounds read)."""
+    with pytest.raises(ApiError) as caught:
+        parse_completion({"prompt": prompt, "stream": True}, tok, SEQ, 4, None, 259)
+    assert caught.value.status == 400 and caught.value.param == "prompt"
+    assert "outside this model's vocabulary (0 to 258)" in str(caught.value)
+    assert parse_completion({"prompt": [[5], [258]]}, tok, SEQ, 4, None, 259).prompts == [[5], [258]]

@@ -193,7 +193,7 @@ def test_notify_sequence_from_a_real_daemon(demo_assets: DemoAssets, workdir: Pa
         before = [line for m in receiver.messages if m[0] < ready[0] for line in m[1]]
         assert any(line.startswith("STATUS=loading ") for line in before), before
         warming = [line for line in before if line.startswith("STATUS=compiling and warming: step ")]
-        assert any("slot 2/2" in line for line in warming), before  # e.g. "step 13/24: slot 2/2, batch 1, …"
+        assert any("batch 8, prompt length" in line for line in warming), before  # e.g. "step 13/16: batch 8, …"
         assert any(line.startswith("EXTEND_TIMEOUT_USEC=") for line in before)
         assert any(line.startswith("STATUS=serving alpha") for line in ready[1])
 

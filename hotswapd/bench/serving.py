@@ -1,0 +1,410 @@
+"""The serving engine's figures, measured from outside on a running daemon (its Unix socket), per model:
+head-of-line blocking, time to first token under mixed load, commit -> live under long generations, the
+cost of sampling, and throughput against transformers' own ``generate()`` on the same requests.
+
+Everything here goes through the socket as a client would (streams for token times), so the same code
+measures any ``hotswapd run``: the engine of this checkout, or another checkout's for a before/after table
+(``HOTSWAPD_BENCH_DAEMON_PYTHONPATH``, see ``bench.daemon``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hotswapd.bench.daemon import PROMPT, DaemonBench
+from hotswapd.bench.errors import BenchError
+from hotswapd.bench.stats import interleave
+from hotswapd.client import _UnixConnection
+
+SHORT_TOKENS = 4  # the short request of the head-of-line figure
+LONG_TOKENS = 240  # what the long generations run (ignore_eos: the same length whatever the model emits)
+LONG_CLIENTS = 2
+MIXED_CLIENTS = 8
+MIXED_LENGTHS = (4, 16, 64, 240)  # max_tokens of the mixed workload, drawn uniformly
+MIXED_PROMPTS = ("Hello =>", "The quick brown fox jumps over the lazy dog =>", "ab", "Zürich, Genève, Köln =>" * 3)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many samples each figure takes (``BenchConfig`` presets fill these per mode)."""
+
+    rounds: int = 3  # turns of each contender (A B A B ...)
+    short_requests: int = 10  # per head-of-line turn
+    mixed_requests: int = 32  # the mixed workload: requests per run
+    swaps: int = 12  # commit -> live under load
+    sampling_window_s: float = 3.0
+    sampling_tokens: int = 64
+    long_tokens: int = LONG_TOKENS
+    mixed_lengths: tuple[int, ...] = MIXED_LENGTHS
+
+
+def _body(prompt: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, **extra}
+
+
+class Stream:
+    """One ``stream: true`` completion on its own connection: when each chunk of text arrived."""
+
+    def __init__(self, sock: str, body: dict[str, Any], timeout: float = 300.0) -> None:
+        self.conn = _UnixConnection(sock, timeout)
+        self.sent = time.perf_counter()
+        self.conn.request(
+            "POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"}
+        )
+        self.response = self.conn.getresponse()
+        if self.response.status != 200:
+            raise BenchError(f"stream answered {self.response.status}: {self.response.read()[:300]!r}")
+        self.version: str | None = None
+
+    def chunks(self) -> Iterator[float]:
+        """perf_counter() at each chunk that carries text, until ``[DONE]``."""
+        for line in self.response:
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:].strip()
+            if payload == b"[DONE]":
+                return
+            chunk = json.loads(payload)
+            if "error" in chunk:
+                raise BenchError(f"stream failed: {chunk['error']}")
+            self.version = (chunk.get("adapter") or {}).get("version", self.version)
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                yield time.perf_counter()
+        raise BenchError("the stream ended without [DONE]")
+
+    def abort(self) -> None:
+        """Hang up (from any thread): the daemon cancels the request at its next token."""
+        sock = self.conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class LongGenerations:
+    """``clients`` clients that keep ``tokens``-token streaming generations running (each starts a new one
+    when its last ends) until ``close()``; the gaps between their tokens are decode steps under load."""
+
+    def __init__(self, sock: str, clients: int, tokens: int) -> None:
+        self.sock, self.tokens = sock, tokens
+        self.gaps: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._streams: dict[int, Stream] = {}
+        self._started = [threading.Event() for _ in range(clients)]
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _client(self, i: int) -> None:
+        while not self._stop.is_set():
+            try:
+                stream = Stream(self.sock, _body(PROMPT, self.tokens))
+            except (BenchError, OSError) as exc:
+                self.errors.append(str(exc))
+                return
+            with self._lock:
+                self._streams[i] = stream
+            if self._stop.is_set():
+                stream.abort()
+            last = None
+            try:
+                for at in stream.chunks():
+                    if last is not None:
+                        with self._lock:
+                            self.gaps.append(at - last)
+                    else:
+                        self._started[i].set()
+                    last = at
+            except (BenchError, OSError, ValueError, http.client.HTTPException) as exc:
+                if not self._stop.is_set():
+                    self.errors.append(f"long generation: {exc}")
+            finally:
+                stream.close()
+
+    def wait_started(self, timeout: float = 300.0) -> None:
+        for event in self._started:
+            if not event.wait(timeout):
+                raise BenchError(f"the long generations did not start within {timeout:g}s: {self.errors}")
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for stream in self._streams.values():
+                stream.abort()
+        for t in self._threads:
+            t.join(60)
+        if self.errors:
+            raise BenchError(f"long generations failed: {self.errors[:3]}")
+
+
+@dataclass
+class MixedRun:
+    """The mixed workload served by ``clients`` streaming clients: time to first token per request, and
+    completion tokens over the run."""
+
+    ttft: list[float] = field(default_factory=list)
+    tokens: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.elapsed
+
+
+def mixed_workload(n: int, lengths: tuple[int, ...], seed: int = 0) -> list[tuple[str, int]]:
+    """``n`` (prompt, max_tokens) pairs: the prompts and lengths of the TTFT and throughput figures."""
+    rng = random.Random(seed)
+    return [(rng.choice(MIXED_PROMPTS), rng.choice(lengths)) for _ in range(n)]
+
+
+class ServingBench:
+    """The engine's figures on one daemon (one model), each a dict of contender -> samples."""
+
+    def __init__(self, daemon: DaemonBench, sizes: Sizes, paths: list[Path], say: Callable[[str], None]) -> None:
+        self.daemon, self.sizes, self.paths, self.say = daemon, sizes, paths, say
+        assert daemon.current is not None
+        self.sock = str(daemon.current.sock)
+
+    def _short(self) -> float:
+        t0 = time.perf_counter()
+        answer = self.daemon.client.post("/v1/completions", _body(PROMPT, SHORT_TOKENS))
+        if answer["usage"]["completion_tokens"] != SHORT_TOKENS:
+            raise BenchError(f"a {SHORT_TOKENS}-token request came back with {answer['usage']}")
+        return time.perf_counter() - t0
+
+    def head_of_line(self) -> dict[str, list[float]]:
+        """Latency of a short request alone, and while ``LONG_CLIENTS`` clients keep long generations running."""
+        n = self.sizes.short_requests
+        self._short()  # untimed: the first request of a fresh connection pool
+
+        def alone() -> list[float]:
+            return [self._short() for _ in range(n)]
+
+        def behind() -> list[float]:
+            longs = LongGenerations(self.sock, LONG_CLIENTS, self.sizes.long_tokens)
+            try:
+                longs.wait_started()
+                return [self._short() for _ in range(n)]
+            finally:
+                longs.close()
+
+        return interleave({"alone": (alone, self.sizes.rounds), "behind_long": (behind, self.sizes.rounds)})
+
+    @property
+    def workload(self) -> list[tuple[str, int]]:
+        return mixed_workload(self.sizes.mixed_requests, self.sizes.mixed_lengths)
+
+    def ttft_alone(self) -> list[float]:
+        """Time to the first token of the workload's prompts, one request at a time."""
+        out = []
+        for prompt, _ in self.workload[: max(4, self.sizes.mixed_requests // 4)]:
+            stream = Stream(self.sock, _body(prompt, SHORT_TOKENS))
+            try:
+                out.append(next(stream.chunks()) - stream.sent)
+            finally:
+                stream.abort()
+                stream.close()
+        return out
+
+    def mixed(self, work: list[tuple[str, int]], clients: int) -> MixedRun:
+        run, lock, queue = MixedRun(), threading.Lock(), list(reversed(work))
+        errors: list[str] = []
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    prompt, max_tokens = queue.pop()
+                try:
+                    stream = Stream(self.sock, _body(prompt, max_tokens))
+                    times = list(stream.chunks())
+                    stream.close()
+                except (BenchError, OSError) as exc:
+                    errors.append(str(exc))
+                    continue
+                with lock:
+                    run.ttft.append(times[0] - stream.sent)
+                    run.tokens += max_tokens
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        run.elapsed = time.perf_counter() - t0
+        if errors:
+            raise BenchError(f"{len(errors)} requests of the mixed workload failed: {errors[:3]}")
+        return run
+
+    def commit_to_live(self) -> dict[str, list[float]]:
+        """Admin swaps while long generations run: the commit phase (asked -> flipped, from the swap record), the
+        decode step meanwhile, staging's wait for rows pinned to standby, and swap answered -> a completion on it."""
+        out: dict[str, list[float]] = {"commit": [], "decode_step": [], "stage": [], "swap_answered_to_completion": []}
+        longs = LongGenerations(self.sock, LONG_CLIENTS, self.sizes.long_tokens)
+        try:
+            longs.wait_started()
+            live = self.daemon.client.get("/v1/adapters")["live"]["version"]
+            order = [p for p in self.paths if p.name != live]
+            for i in range(self.sizes.swaps):
+                path = order[i % len(order)]
+                record = self.daemon.swap(path)["record"]
+                answered = time.perf_counter()
+                got = self.daemon.client.post("/v1/completions", _body(PROMPT, 1))["adapter"]["version"]
+                if got != record["version"]:
+                    raise BenchError(f"a completion after the swap to {record['version']} ran on {got}")
+                out["swap_answered_to_completion"].append(time.perf_counter() - answered)
+                out["commit"].append(record["phases_ms"]["commit"] / 1000)
+                out["stage"].append(record["phases_ms"].get("stage", float("nan")) / 1000)
+        finally:
+            longs.close()
+        out["decode_step"] = longs.gaps
+        return out
+
+    def sampling_cost(self) -> dict[str, list[float]]:
+        """Tokens/s of ``MIXED_CLIENTS`` // 2 clients at temperature 0 and at temperature 1 (no top-k/top-p),
+        and 1 with top_p 0.9 and top_k 50 (the sort), in turns."""
+        from hotswapd.bench.stats import closed_loop
+
+        s = self.sizes
+        client = self.daemon.client
+
+        def turn(**extra: Any) -> Callable[[], float]:
+            def request() -> int:
+                body = {**_body(PROMPT, s.sampling_tokens), **extra}
+                return int(client.post("/v1/completions", body)["usage"]["completion_tokens"])
+
+            return lambda: closed_loop(request, MIXED_CLIENTS // 2, s.sampling_window_s).tokens_per_second
+
+        return interleave(
+            {
+                "temperature_0": (turn(), s.rounds),
+                "temperature_1": (turn(temperature=1.0, top_p=1.0, top_k=0), s.rounds),
+                "temperature_1_top_p_top_k": (turn(temperature=1.0, top_p=0.9, top_k=50), s.rounds),
+            }
+        )
+
+
+class TransformersGenerate:
+    """transformers' own ``generate()`` on the same base + adapter: compiled, static cache (one size, so one
+    graph), greedy, EOS ignored, the workload in padded batches of ``batch``."""
+
+    def __init__(
+        self, model_path: str, adapter: Path, dtype: str, device: str, max_seq_len: int, compiled: bool = True
+    ) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers.generation.configuration_utils import CompileConfig
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        base: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        base = base.to(self.device)
+        self.model: Any = PeftModel.from_pretrained(base, str(adapter)).eval()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad = pad
+        # transformers compiles the decode step on its own only on accelerators; on CPU it must be asked to.
+        compile_config = CompileConfig(mode="reduce-overhead" if self.device.type == "cuda" else "default")
+        compile_config._compile_all_devices = True  # type: ignore[assignment]  # a class attribute, None by default
+        self.config = GenerationConfig(
+            do_sample=False,
+            cache_implementation="static",
+            max_cache_len=max_seq_len,
+            pad_token_id=pad,
+            eos_token_id=None,  # ignore_eos, as the daemon's requests
+            compile_config=compile_config,
+            disable_compile=not compiled,  # the tiny bench (a test) runs without inductor, as the engine does there
+        )
+
+    def batch(self, items: list[tuple[str, int]]) -> int:
+        """One padded batch (left padding, as generate wants); returns the tokens the requests asked for."""
+        torch = self.torch
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p, _ in items]
+        width = max(len(i) for i in ids)
+        input_ids = torch.tensor([[self.pad] * (width - len(i)) + i for i in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=self.device)
+        longest = max(n for _, n in items)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, generation_config=self.config, max_new_tokens=longest
+            )
+        if out.shape[1] != width + longest:
+            raise BenchError(f"generate() returned {out.shape[1] - width} new tokens, asked {longest}")
+        return sum(n for _, n in items)
+
+    def throughput(self, work: list[tuple[str, int]], batch: int) -> float:
+        t0, tokens = time.perf_counter(), 0
+        for i in range(0, len(work), batch):
+            tokens += self.batch(work[i : i + batch])
+        return tokens / (time.perf_counter() - t0)
+
+
+@dataclass
+class ModelFigures:
+    """Samples of every serving figure for one model (contender -> values)."""
+
+    head_of_line: dict[str, list[float]]
+    ttft: dict[str, list[float]]
+    commit: dict[str, list[float]]
+    sampling: dict[str, list[float]]
+    throughput: dict[str, list[float]]  # tokens/s per run of the mixed workload
+
+
+def measure(
+    daemon: DaemonBench,
+    sizes: Sizes,
+    paths: list[Path],
+    generate: Callable[[], TransformersGenerate],
+    say: Callable[[str], None],
+) -> ModelFigures:
+    """Every serving figure on ``daemon``; ``paths[0]`` is served for the throughput comparison, and ``generate``
+    builds transformers' contender on the same model and adapter (in this process, on a thread of its own)."""
+    from hotswapd.bench.inprocess import on_own_thread
+
+    bench = ServingBench(daemon, sizes, paths, say)
+    say(f"head-of-line: a {SHORT_TOKENS}-token request alone vs behind {LONG_CLIENTS} {sizes.long_tokens}-token ones")
+    hol = bench.head_of_line()
+    say("time to first token: alone, then under 8 clients of mixed lengths vs transformers' generate()")
+    alone = bench.ttft_alone()
+    daemon.swap(paths[0])
+    work = bench.workload
+    contender = on_own_thread(generate)
+    on_own_thread(lambda: contender.batch(work[:MIXED_CLIENTS]))  # compiles: untimed
+    runs: list[MixedRun] = []
+
+    def ours() -> float:
+        runs.append(bench.mixed(work, MIXED_CLIENTS))
+        return runs[-1].tokens_per_second
+
+    throughput = interleave(
+        {
+            f"hotswapd_{MIXED_CLIENTS}_clients": (ours, sizes.rounds),
+            f"transformers_generate_batch_{MIXED_CLIENTS}": (
+                lambda: on_own_thread(lambda: contender.throughput(work, MIXED_CLIENTS)),
+                sizes.rounds,
+            ),
+        }
+    )
+    say(f"commit -> live: {sizes.swaps} swaps while {LONG_CLIENTS} long generations run")
+    commit = bench.commit_to_live()
+    say("sampling cost: temperature 0 vs 1 vs top-p/top-k, tokens/s")
+    sampling = bench.sampling_cost()
+    ttft = {"alone": alone, f"{MIXED_CLIENTS}_clients_mixed": [t for r in runs for t in r.ttft]}
+    return ModelFigures(hol, ttft, commit, sampling, throughput)
