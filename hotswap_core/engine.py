@@ -1,5 +1,6 @@
-"""The engine: base model + fixed two-slot LoRA layout + static KV cache, compiled once, warmed, and
-served by one worker thread that schedules at the granularity of one token (continuous batching).
+"""The engine: a model runner (``runner.py``: base model + fixed two-slot LoRA layout + static KV cache,
+compiled once), warmed, and served by one worker thread that schedules at the granularity of one token
+(continuous batching; which request holds which row is ``scheduler.py``'s).
 
 Lifecycle: ``load()`` (model, tokenizer, layout, slots, KV cache, compile) -> ``warm_up()`` (every
 shape the server will see) -> ``start()`` (worker thread) -> ``submit()`` / ``between_steps()`` ->
@@ -15,7 +16,6 @@ rows use is never staged into (``SlotBank.pin``).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,22 +25,17 @@ from typing import Any, TypeVar
 
 import torch
 
-from hotswap_core import kv_cache
 from hotswap_core.config import Config
 from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams
-from hotswap_core.kv_cache import KVCache, StepView, decode_view
-from hotswap_core.layout import Layout, base_identities, layout_from_model
-from hotswap_core.sampling import sample, sampling_defaults
-from hotswap_core.scheduler import Group, Row, RowTable, buckets_for
-from hotswap_core.slots import SlotBank
+from hotswap_core.runner import ModelRunner, resolve_device, resolve_dtype, resolve_mode
+from hotswap_core.sampling import sample
+from hotswap_core.scheduler import Group, Row, RowTable
 
 log = logging.getLogger("hotswapd.engine")
 T = TypeVar("T")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The same optimisation without CUDA graphs: for prefill, whose shapes change with every batch.
-_NO_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+__all__ = ["Engine", "EngineBusy", "EngineStopped", "WarmupStep", "resolve_device", "resolve_dtype", "resolve_mode"]
 
 
 @dataclass(frozen=True)
@@ -66,29 +61,6 @@ class EngineStopped(EngineError):
     """The engine is stopping or stopped and accepts no new work."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EngineError("model.device is 'cuda' but torch.cuda.is_available() is false")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def resolve_mode(name: str, device: torch.device) -> str:
-    """``auto``: CUDA graphs (``reduce-overhead``) on CUDA, ``default`` elsewhere; CPU never captures graphs."""
-    if name == "auto":
-        name = "reduce-overhead" if device.type == "cuda" else "default"
-    return name if device.type == "cuda" else _NO_GRAPHS.get(name, name)
-
-
 def compiled_graph_count() -> int:
     """Graphs dynamo has compiled in this process (process-wide counter)."""
     from torch._dynamo.utils import counters
@@ -99,13 +71,11 @@ def compiled_graph_count() -> int:
 class Engine:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.device = resolve_device(config.model.device)
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
-        self.mode = resolve_mode(config.model.compile.mode, self.device)
+        self.runner = ModelRunner(config)
+        self.device, self.dtype, self.mode = self.runner.device, self.runner.dtype, self.runner.mode
         self.max_batch_size = config.model.max_batch_size
         self.max_seq_len = config.model.max_seq_len
-        self.buckets = buckets_for(self.max_batch_size)
-        self.sampling_defaults: dict[str, float | int] = {}  # from generation_config.json, set by load()
+        self.buckets = self.runner.buckets
         self.ready = threading.Event()
         self.last_loop_at = time.monotonic()  # heartbeat: proves the serving loop turns
         self.steps = 0  # decode steps run (tests count latency in steps, not seconds)
@@ -118,109 +88,14 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    # ---- load and compile -------------------------------------------------------------------
+    # ---- load ----------------------------------------------------------------------------------------
     def load(self) -> None:
-        from peft import get_peft_model
-        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        m = self.config.model
-        log.info("loading %s (revision %s) on %s as %s", m.path, m.revision, self.device, self.dtype)
-        kw: dict[str, Any] = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
-        kv_cache.register()
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(m.path, **kw)
-            base = AutoModelForCausalLM.from_pretrained(m.path, dtype=self.dtype, attn_implementation="sdpa", **kw)
-        except (OSError, ValueError) as exc:
-            raise EngineError(f"cannot load model {m.path!r}: {exc}") from exc
-        base = base.to(self.device).eval()  # type: ignore[arg-type]  # transformers' stub wants a model
-        self.model_config = base.config
-        _check_attention(base.config)
-        base.set_attn_implementation(kv_cache.ATTENTION)
-        # Token ids a client may send: one past the embedding is an out-of-bounds read in the compiled
-        # graph (a RuntimeError for the whole batch on CPU, a device-side assert that poisons the context on CUDA).
-        self.vocab_size = int(base.get_input_embeddings().num_embeddings)
-        eos = base.generation_config.eos_token_id if base.generation_config is not None else None
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
-        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self.pad_id = (
-            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
-        )
-        self.sampling_defaults = sampling_defaults(base.generation_config)
-        if self.sampling_defaults:
-            log.info("requests that leave them out sample with generation_config's %s", self.sampling_defaults)
-
-        ids = base_identities(m.path, base.config)
-        self.layout: Layout = layout_from_model(
-            base, self.config.adapter.target_modules, self.config.adapter.target_rank, ids
-        )
-        # Layout fixed at start: every slot at target_rank, zero B == exact base behaviour.
-        peft_model = get_peft_model(base, self.layout.lora_config())
-        prepare_model_for_compiled_hotswap(peft_model, target_rank=self.layout.target_rank)
-        self.slots = SlotBank(peft_model, self.layout, self.device, self.dtype, rows=self.max_batch_size)
-        peft_model.eval()
-        # Run the transformers model's own decoder and head: PeftModel's wrapper adds Python glue, no math.
-        self.model: torch.nn.Module = peft_model.base_model.model  # type: ignore[assignment]
-        self._decoder = self.model.get_decoder()  # type: ignore[operator]
-        self._head = self.model.get_output_embeddings()  # type: ignore[operator]
-        self.cache = KVCache.for_model(base.config, self.max_batch_size, self.max_seq_len, self.device, self.dtype)
-        log.info(
-            "static KV cache: %d rows x %d positions, %.1f MiB",
-            self.max_batch_size,
-            self.max_seq_len,
-            self.cache.nbytes / 2**20,
-        )
-        self._prefill_fn, self._decode_fn = self._compile()
-
-    def _compile(self) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
-        c = self.config.model.compile
-        if not c.enabled:
-            return self._prefill_forward, self._decode_forward
-        if c.cache_dir:
-            os.makedirs(c.cache_dir, exist_ok=True)
-            # Read by inductor when it first needs its cache dir; the FX graph cache makes warm starts fast.
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", c.cache_dir)
-        self._configure_dynamo()
-        log.info(
-            "compiling decode with mode %r (one graph per batch size %s), prefill with %r",
-            self.mode,
-            list(self.buckets),
-            _NO_GRAPHS.get(self.mode, self.mode),
-        )
-        prefill = torch.compile(self._prefill_forward, mode=_NO_GRAPHS.get(self.mode, self.mode), dynamic=c.dynamic)
-        # Decode shapes never change within a bucket: static, so each bucket is one graph (a CUDA graph on CUDA).
-        decode = torch.compile(self._decode_forward, mode=self.mode, dynamic=False)
-        return prefill, decode
-
-    def _configure_dynamo(self) -> None:
-        """Apply our dynamo settings to the calling thread.
-
-        torch keeps config overrides per thread (a ContextVar), so every thread that runs the
-        compiled model must call this, or it silently gets the defaults (recompile_limit 8).
-        """
-        import torch._dynamo
-
-        c = self.config.model.compile
-        # Past the limit dynamo silently runs the frame eagerly; we want a loud failure instead.
-        torch._dynamo.config.recompile_limit = c.recompile_limit
-        torch._dynamo.config.accumulated_recompile_limit = max(256, c.recompile_limit * 4)
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
-
-    # ---- the two forwards (what gets compiled) ------------------------------------------------
-    def _prefill_forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor
-    ) -> torch.Tensor:
-        """Prompts ``ids`` [B, L] (right-padded) into cache ``rows`` [B]; next-token logits [B, V] at ``last``."""
-        view = StepView(self.cache, rows, positions)
-        hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
-        h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]  # [B, H]
-        return self._head(h)
-
-    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token per cache row ``0 .. n-1``: ``ids`` and ``positions`` [n, 1]; logits [n, V]."""
-        view = decode_view(self.cache, positions)
-        hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
-        return self._head(hidden.last_hidden_state[:, -1])
+        """Load and compile the model (``ModelRunner.load``); what requests and swaps need of it is kept here."""
+        r = self.runner
+        r.load()
+        self.tokenizer, self.model_config, self.vocab_size = r.tokenizer, r.model_config, r.vocab_size
+        self.eos_ids, self.pad_id, self.sampling_defaults = r.eos_ids, r.pad_id, r.sampling_defaults
+        self.layout, self.slots = r.layout, r.slots
 
     # ---- warm-up ----------------------------------------------------------------------------------
     def warm_up(self, progress: Callable[[WarmupStep], None] | None = None) -> float:
@@ -230,7 +105,7 @@ class Engine:
         ``progress`` is called before each step, with an estimate of the time left (see ``_eta``).
         """
         t0 = time.monotonic()
-        self._configure_dynamo()
+        self.runner.configure_dynamo()
         lengths = sorted({2, 3, max(3, self.max_seq_len // 2), max(3, self.max_seq_len - 4)})
         plan = [(b, n) for b in self.buckets for n in lengths]
         took: list[tuple[float, bool]] = []  # (seconds, compiled a graph) per step done
@@ -383,7 +258,7 @@ class Engine:
 
     # ---- the worker -------------------------------------------------------------------------------
     def _worker(self) -> None:
-        self._configure_dynamo()
+        self.runner.configure_dynamo()
         while True:
             with self._cv:
                 while not (self.table.waiting or self._control or self.table.active or self._stopping):
@@ -420,9 +295,16 @@ class Engine:
             groups = self.table.take_admissible()
         admitted = [row for group in groups for row in self._admit(group)]
         if admitted:
-            self._run(admitted, self._prefill)
+            self._run(admitted, self.runner.prefill)
         if self.table.active:
             self._run(self.table.active, self._decode)
+
+    def _decode(self, rows: list[Row]) -> torch.Tensor:
+        logits = self.runner.decode(rows, self.table.bucket_rows(self.buckets))  # [len(rows), V]
+        self.steps += 1
+        if self.on_batch is not None:
+            self.on_batch(len(rows))
+        return logits
 
     def _admit(self, group: Group) -> list[Row]:
         """Rows for the requests of ``group``, all pinned to one slot: the group's, or the live one now."""
@@ -463,37 +345,6 @@ class Engine:
                 if not row.state.request.future.done():
                     row.state.request.future.set_exception(EngineError(f"generation failed: {exc}"))
         self.last_loop_at = time.monotonic()  # a long generation is still a turning worker
-
-    def _prefill(self, rows: list[Row]) -> torch.Tensor:
-        # At least 2 positions: dynamo specialises size-1 dims, and a 1-token prefill would be one more graph.
-        bsz, length = len(rows), max(2, *(len(r.state.prompt_ids) for r in rows))
-        ids = torch.full((bsz, length), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r.state.prompt_ids)] = torch.tensor(r.state.prompt_ids)
-        positions = torch.arange(length).repeat(bsz, 1)
-        index = torch.tensor([r.index for r in rows])
-        last = torch.tensor([len(r.state.prompt_ids) - 1 for r in rows])
-        self.slots.assign([r.slot for r in rows])
-        dev = self.device
-        return self._prefill_fn(ids.to(dev), positions.to(dev), index.to(dev), last.to(dev))
-
-    def _decode(self, rows: list[Row]) -> torch.Tensor:
-        n = self.table.bucket_rows(self.buckets)
-        ids, positions, slots = [self.pad_id] * n, [0] * n, [0] * n  # rows nobody holds: position 0, discarded
-        for r in rows:
-            ids[r.index], positions[r.index], slots[r.index] = r.state.ids[-1], r.position, r.slot
-        self.slots.assign(slots)
-        if self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        logits = self._decode_fn(
-            torch.tensor(ids, device=self.device)[:, None], torch.tensor(positions, device=self.device)[:, None]
-        )
-        self.steps += 1
-        if self.on_batch is not None:
-            self.on_batch(len(rows))
-        if len(rows) == n:
-            return logits
-        return logits.index_select(0, torch.tensor([r.index for r in rows], device=self.device))
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
         if any(r.check_finite for r in rows):
@@ -543,13 +394,6 @@ class Engine:
 
     def _detokenize(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-
-def _check_attention(config: Any) -> None:
-    """The static cache keeps every position: models with sliding-window or other non-global layers are refused."""
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise EngineError(f"hotswapd's KV cache serves full-attention models only; this one has {sorted(kinds)} layers")
 
 
 def _run_into(fn: Callable[[], T], fut: Future[T]) -> None:

@@ -73,13 +73,18 @@ def _mask_early_eos(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
 
 def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """Entries outside each row's top-k, then outside its top-p nucleus (of the renormalised rest), to -inf.
-    The most likely entry always stays. One sort for all rows, and none when no row filters."""
+    The most likely entry always stays. One sort for all rows, and none when no row filters; when every row
+    has a top-k, only the largest k are sorted (``topk``: at a 152k vocabulary a full sort costs far more)."""
     vocab = scaled.shape[-1]
     ks = [k if 0 < k < vocab else vocab for k in top_k]
     if all(k == vocab for k in ks) and all(p >= 1.0 for p in top_p):
         return scaled
-    values, order = scaled.sort(dim=-1, descending=True)  # [R, V]
-    rank = torch.arange(vocab, device=scaled.device)
+    width = max(ks)
+    if width < vocab:
+        values, order = scaled.topk(width, dim=-1)  # [R, width], descending
+    else:
+        values, order = scaled.sort(dim=-1, descending=True)  # [R, V]
+    rank = torch.arange(width, device=scaled.device)
     keep = rank[None, :] < torch.tensor(ks, device=scaled.device)[:, None]
     values = values.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(values, dim=-1)
@@ -88,7 +93,7 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     keep &= before < nucleus[:, None]
     keep[:, 0] = True
     values = values.masked_fill(~keep, float("-inf"))
-    return torch.empty_like(scaled).scatter_(-1, order, values)
+    return torch.full_like(scaled, float("-inf")).scatter_(-1, order, values)
 
 
 def sampling_defaults(generation_config: Any) -> dict[str, float | int]:

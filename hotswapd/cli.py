@@ -82,7 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--quick", action="store_true", help="fewer repetitions: a few minutes on 2 CPU cores")
     v.add_argument("--json", metavar="OUT", help="also write every figure to OUT as JSON")
     v.add_argument(
-        "--no-geometry", action="store_true", help="skip the serving figures on the Qwen2.5-1.5B-geometry model"
+        "--geometry",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the serving figures on a Qwen2.5-1.5B-geometry model too (default: in the full run, not with --quick)",
     )
     v.add_argument("--workdir", help=argparse.SUPPRESS)  # keep the adapters, configs and daemon logs there
     v.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds, no compile: for the test
@@ -262,7 +265,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.fleet:
         return _bench_fleet(args, workdir)
     mode: Mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    extra = {"geometry": False} if args.no_geometry else {}
+    extra = {} if args.geometry is None else {"geometry": args.geometry}
     config = BenchConfig.preset(mode, model=args.model, workdir=workdir, **extra)
     result = run_bench(config, progress=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     print(result.table)

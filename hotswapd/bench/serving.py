@@ -30,8 +30,10 @@ SHORT_TOKENS = 4  # the short request of the head-of-line figure
 LONG_TOKENS = 240  # what the long generations run (ignore_eos: the same length whatever the model emits)
 LONG_CLIENTS = 2
 MIXED_CLIENTS = 8
-MIXED_LENGTHS = (4, 16, 64, 240)  # max_tokens of the mixed workload, drawn uniformly
-MIXED_PROMPTS = ("Hello =>", "The quick brown fox jumps over the lazy dog =>", "ab", "Zürich, Genève, Köln =>" * 3)
+# The mixed workload: prompts of 2 to 46 tokens (demo tokenizer: one a byte) and max_tokens drawn uniformly from
+# these, so the longest request fits the demo's max_seq_len of 256.
+MIXED_LENGTHS = (4, 16, 64, 192)
+MIXED_PROMPTS = ("Hello =>", "The quick brown fox jumps over the lazy dog =>", "ab", "Zürich, Genève, Köln =>")
 
 
 @dataclass(frozen=True)
@@ -254,26 +256,29 @@ class ServingBench:
 
     def commit_to_live(self) -> dict[str, list[float]]:
         """Admin swaps while long generations run: the commit phase (asked -> flipped, from the swap record), the
-        decode step meanwhile, staging's wait for rows pinned to standby, and swap answered -> a completion on it."""
+        decode step meanwhile, the stage phase, and swap answered -> a completion on the new version.
+
+        The long generations are restarted for each swap: rows admitted before the previous commit hold the
+        standby slot until they end, and a swap landing within one generation of the previous one waits for them
+        (``server.request_timeout_s`` at most); this measures swaps that land further apart, as releases do."""
         out: dict[str, list[float]] = {"commit": [], "decode_step": [], "stage": [], "swap_answered_to_completion": []}
-        longs = LongGenerations(self.sock, LONG_CLIENTS, self.sizes.long_tokens)
-        try:
-            longs.wait_started()
-            live = self.daemon.client.get("/v1/adapters")["live"]["version"]
-            order = [p for p in self.paths if p.name != live]
-            for i in range(self.sizes.swaps):
-                path = order[i % len(order)]
-                record = self.daemon.swap(path)["record"]
+        live = self.daemon.client.get("/v1/adapters")["live"]["version"]
+        order = [p for p in self.paths if p.name != live]
+        for i in range(self.sizes.swaps):
+            longs = LongGenerations(self.sock, LONG_CLIENTS, self.sizes.long_tokens)
+            try:
+                longs.wait_started()
+                record = self.daemon.swap(order[i % len(order)])["record"]
                 answered = time.perf_counter()
                 got = self.daemon.client.post("/v1/completions", _body(PROMPT, 1))["adapter"]["version"]
-                if got != record["version"]:
-                    raise BenchError(f"a completion after the swap to {record['version']} ran on {got}")
                 out["swap_answered_to_completion"].append(time.perf_counter() - answered)
-                out["commit"].append(record["phases_ms"]["commit"] / 1000)
-                out["stage"].append(record["phases_ms"].get("stage", float("nan")) / 1000)
-        finally:
-            longs.close()
-        out["decode_step"] = longs.gaps
+            finally:
+                longs.close()
+            if got != record["version"]:
+                raise BenchError(f"a completion after the swap to {record['version']} ran on {got}")
+            out["commit"].append(record["phases_ms"]["commit"] / 1000)
+            out["stage"].append(record["phases_ms"]["stage"] / 1000)
+            out["decode_step"] += longs.gaps
         return out
 
     def sampling_cost(self) -> dict[str, list[float]]:
@@ -341,10 +346,9 @@ class TransformersGenerate:
         input_ids = torch.tensor([[self.pad] * (width - len(i)) + i for i in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=self.device)
         longest = max(n for _, n in items)
+        self.config.max_new_tokens = longest
         with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, generation_config=self.config, max_new_tokens=longest
-            )
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=self.config)
         if out.shape[1] != width + longest:
             raise BenchError(f"generate() returned {out.shape[1] - width} new tokens, asked {longest}")
         return sum(n for _, n in items)

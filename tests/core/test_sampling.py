@@ -85,6 +85,23 @@ def test_top_k_and_top_p_bound_what_is_drawn() -> None:
             assert a in top and b in nucleus and c == int(logits[2].argmax())
 
 
+def test_rows_that_all_have_a_top_k_filter_as_a_full_sort_would() -> None:
+    """When every row has a top-k, only the top k are sorted (topk); the kept entries and their values are
+    those of the full-sort path, with and without a top-p on top."""
+    from hotswap_core.sampling import _top_k_top_p
+
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(20):
+        scaled = torch.randn(4, 5000, generator=gen) * 3
+        ks = [int(k) for k in torch.randint(1, 60, (4,), generator=gen)]
+        ps = [1.0, 0.5, 0.9, float(torch.rand((), generator=gen))]
+        partial = _top_k_top_p(scaled, ks, ps)  # topk path
+        full = _top_k_top_p(torch.cat([scaled, scaled[:1]]), [*ks, 0], [*ps, 1.0])[:4]  # one row without: sort
+        assert torch.equal(partial, full), trial
+        kept = torch.isfinite(partial).sum(dim=-1).tolist()
+        assert all(1 <= n <= k for n, k in zip(kept, ks, strict=True)) and kept[0] == ks[0], (kept, ks)
+
+
 def test_temperature_zero_or_tiny_is_greedy_and_never_nan() -> None:
     logits = _logits(3, 2) * 1e4
     rows = [_row(temperature=0.0), _row(temperature=1e-7, seed=1)]
