@@ -87,7 +87,9 @@ def test_the_geometry_model_has_qwen25_15b_shapes_and_serves_text(tmp_path: Path
     demo = build_demo(tmp_path / "demo")
     folder = build_geometry_model(tmp_path / "geometry", demo.base)
     config = json.loads((folder / "config.json").read_text())
-    assert {k: config[k] for k in QWEN25_15B} == QWEN25_15B and config["num_hidden_layers"] == LAYERS == 2
+    shapes = {k: v for k, v in QWEN25_15B.items() if k != "rope_theta"}  # transformers 5: under rope_parameters
+    assert {k: config[k] for k in shapes} == shapes and config["num_hidden_layers"] == LAYERS == 2
+    assert config["rope_parameters"]["rope_theta"] == QWEN25_15B["rope_theta"]
     assert build_geometry_model(tmp_path / "geometry", demo.base) == folder  # complete: reused, not rebuilt
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
