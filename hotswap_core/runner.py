@@ -53,6 +53,11 @@ def resolve_mode(name: str, device: torch.device) -> str:
     return name if device.type == "cuda" else _NO_GRAPHS.get(name, name)
 
 
+def without_graphs(mode: str) -> str:
+    """The same optimisation without CUDA graphs (for forwards whose shapes change: prefill, PEFT's own)."""
+    return _NO_GRAPHS.get(mode, mode)
+
+
 class ModelRunner:
     """Owns the model, its slots and its KV cache on one device; runs prefill and decode forwards."""
 
@@ -134,9 +139,9 @@ class ModelRunner:
             "compiling decode with mode %r (one graph per batch size %s), prefill with %r",
             self.mode,
             list(self.buckets),
-            _NO_GRAPHS.get(self.mode, self.mode),
+            without_graphs(self.mode),
         )
-        prefill = torch.compile(self._prefill_forward, mode=_NO_GRAPHS.get(self.mode, self.mode), dynamic=c.dynamic)
+        prefill = torch.compile(self._prefill_forward, mode=without_graphs(self.mode), dynamic=c.dynamic)
         # Decode shapes never change within a bucket: static, so each bucket is one graph (a CUDA graph on CUDA).
         decode = torch.compile(self._decode_forward, mode=self.mode, dynamic=False)
         return prefill, decode

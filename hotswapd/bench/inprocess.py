@@ -23,6 +23,7 @@ from hotswap_core.config import Config
 from hotswap_core.engine import Engine, compiled_graph_count
 from hotswap_core.generation import GenerationRequest, SamplingParams
 from hotswap_core.history import History, SwapRecord
+from hotswap_core.runner import without_graphs
 from hotswap_core.swap import Swapper
 from hotswapd.bench.adapters import AdapterRecipe
 from hotswapd.bench.errors import BenchError
@@ -170,7 +171,10 @@ class PeftCompiled:
         self.model = model
         inner: Any = model.base_model.model
         c = m.compile
-        self.forward = torch.compile(inner.forward, mode=c.mode, dynamic=c.dynamic) if c.enabled else inner.forward
+        # The engine's mode, without CUDA graphs: PEFT's forward runs transformers' dynamic cache (compile.mode
+        # auto is the engine's choice, not one torch.compile knows).
+        mode = without_graphs(engine.mode)
+        self.forward = torch.compile(inner.forward, mode=mode, dynamic=c.dynamic) if c.enabled else inner.forward
         ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
         self.ids = torch.tensor([ids], device=self.device)  # [1, L]
         self.mask = torch.ones_like(self.ids)

@@ -369,6 +369,7 @@ class ModelFigures:
     commit: dict[str, list[float]]
     sampling: dict[str, list[float]]
     throughput: dict[str, list[float]]  # tokens/s per run of the mixed workload
+    recompilations: float  # the daemon's hotswapd_recompilations_total after all of the above (must be 0)
 
 
 def measure(
@@ -411,4 +412,13 @@ def measure(
     say("sampling cost: temperature 0 vs 1 vs top-p/top-k, tokens/s")
     sampling = bench.sampling_cost()
     ttft = {"alone": alone, f"{MIXED_CLIENTS}_clients_mixed": [t for r in runs for t in r.ttft]}
-    return ModelFigures(hol, ttft, commit, sampling, throughput)
+    return ModelFigures(hol, ttft, commit, sampling, throughput, recompilations(daemon))
+
+
+def recompilations(daemon: DaemonBench) -> float:
+    """``hotswapd_recompilations_total`` from the daemon's ``GET /metrics`` on its socket."""
+    response = daemon.client._open("GET", "/metrics", None)
+    for line in response.read().decode().splitlines():
+        if line.startswith("hotswapd_recompilations_total "):
+            return float(line.split()[1])
+    raise BenchError("GET /metrics has no hotswapd_recompilations_total")
