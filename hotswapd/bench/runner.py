@@ -35,8 +35,8 @@ from hotswapd.bench.stats import LoadWindow, closed_loop, interleave
 
 Mode = Literal["full", "quick", "tiny"]
 # A decode step of this model costs ~30x the demo's on 2 CPU cores: fewer samples, shorter mixed requests.
-GEOMETRY = Sizes(rounds=2, short_requests=6, mixed_requests=24, swaps=6, sampling_window_s=4.0, sampling_tokens=16,
-                 mixed_lengths=(4, 16, 32, 64))  # fmt: skip
+GEOMETRY = Sizes(rounds=2, short_requests=6, mixed_requests=16, mixed_window_s=30.0, swaps=6, sampling_window_s=4.0,
+                 sampling_tokens=16, mixed_lengths=(4, 16, 32, 64))  # fmt: skip
 ARRIVE_EVERY = 0.8  # arrival lag: versions land every 0.8 x settle_seconds, faster than they settle
 
 
@@ -81,18 +81,18 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         restarts=1, stall_swaps=30, load_set_swaps=2, recompile_swaps=200, landed_swaps=8, latency_rounds=2,
         latency_window_s=2.5, throughput_rounds=2, throughput_window_s=1.5, arrival_seconds=20.0,
-        serving=Sizes(rounds=2, short_requests=6, mixed_requests=16, swaps=8, sampling_window_s=1.5,
-                      sampling_tokens=32),
+        serving=Sizes(rounds=2, short_requests=6, mixed_requests=16, mixed_window_s=3.0, swaps=8,
+                      sampling_window_s=1.5, sampling_tokens=32),
         geometry=False,  # its cold compile alone is 2.5 minutes on 2 cores: --quick --geometry adds it
-        geometry_serving=Sizes(rounds=1, short_requests=4, mixed_requests=16, swaps=4, sampling_window_s=3.0,
-                               sampling_tokens=8, mixed_lengths=(4, 16, 32, 64)),
+        geometry_serving=Sizes(rounds=1, short_requests=4, mixed_requests=16, mixed_window_s=20.0, swaps=4,
+                               sampling_window_s=3.0, sampling_tokens=8, mixed_lengths=(4, 16, 32, 64)),
     ),
     "tiny": dict(
         compile=False, restarts=1, stall_swaps=3, load_set_swaps=1, recompile_swaps=6, landed_swaps=1,
         latency_rounds=1, latency_window_s=0.5, throughput_rounds=1, throughput_window_s=0.3,
         throughput_max_tokens=4, concurrency=(1, 2, 4, 8), pool_size=4, settle_seconds=0.2, start_timeout_s=300.0,
         arrival_seconds=2.0, geometry=False,
-        serving=Sizes(rounds=1, short_requests=2, mixed_requests=8, swaps=2, sampling_window_s=0.3,
+        serving=Sizes(rounds=1, short_requests=2, mixed_requests=8, mixed_window_s=0.5, swaps=2, sampling_window_s=0.3,
                       sampling_tokens=4, long_tokens=24, mixed_lengths=(2, 4, 8)),
     ),
 }  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import random
 import socket
@@ -42,7 +43,8 @@ class Sizes:
 
     rounds: int = 3  # turns of each contender (A B A B ...)
     short_requests: int = 10  # per head-of-line turn
-    mixed_requests: int = 32  # the mixed workload: requests per run
+    mixed_requests: int = 32  # the mixed workload: requests per generate() run (a multiple of 8)
+    mixed_window_s: float = 6.0  # hotswapd's steady-state window on the same workload
     swaps: int = 12  # commit -> live under load
     sampling_window_s: float = 3.0
     sampling_tokens: int = 64
@@ -155,8 +157,8 @@ class LongGenerations:
 
 @dataclass
 class MixedRun:
-    """The mixed workload served by ``clients`` streaming clients: time to first token per request, and
-    completion tokens over the run."""
+    """The mixed workload served by streaming clients in a steady-state window: time to first token per
+    request sent in it, and the tokens that arrived in it."""
 
     ttft: list[float] = field(default_factory=list)
     tokens: int = 0
@@ -222,36 +224,63 @@ class ServingBench:
                 stream.close()
         return out
 
-    def mixed(self, work: list[tuple[str, int]], clients: int) -> MixedRun:
-        run, lock, queue = MixedRun(), threading.Lock(), list(reversed(work))
+    def mixed(self, work: list[tuple[str, int]], clients: int, seconds: float) -> MixedRun:
+        """``clients`` streaming clients cycling through ``work`` (closed loop); once every client has its first
+        token, a window of ``seconds``: the tokens that arrived in it (steady state, no ramp-up or drain), and
+        the TTFT of every request sent in it."""
+        run, lock, stop = MixedRun(), threading.Lock(), threading.Event()
+        order = itertools.cycle(work)
+        started = [threading.Event() for _ in range(clients)]
+        window: list[float] = []  # [start, end] once known
+        arrivals: list[tuple[float, int]] = []  # (time, tokens) of every chunk
         errors: list[str] = []
+        streams: dict[int, Stream] = {}
 
-        def client() -> None:
-            while True:
+        def client(i: int) -> None:
+            while not stop.is_set():
                 with lock:
-                    if not queue:
-                        return
-                    prompt, max_tokens = queue.pop()
+                    prompt, max_tokens = next(order)
                 try:
                     stream = Stream(self.sock, _body(prompt, max_tokens))
-                    times = list(stream.chunks())
+                    with lock:
+                        streams[i] = stream
+                    times = []
+                    for at in stream.chunks():
+                        times.append(at)
+                        started[i].set()
                     stream.close()
-                except (BenchError, OSError) as exc:
-                    errors.append(str(exc))
+                except (BenchError, OSError, ValueError, http.client.HTTPException) as exc:
+                    if not stop.is_set():
+                        errors.append(str(exc))
                     continue
+                # A chunk is one token but for a character split across tokens: the last one takes the rest.
+                tokens = [1] * len(times)
+                tokens[-1] += max_tokens - len(times)
                 with lock:
-                    run.ttft.append(times[0] - stream.sent)
-                    run.tokens += max_tokens
+                    arrivals.extend(zip(times, tokens, strict=True))
+                    if window and stream.sent >= window[0]:
+                        run.ttft.append(times[0] - stream.sent)
 
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
         for t in threads:
             t.start()
+        for event in started:
+            if not event.wait(300):
+                raise BenchError(f"a client of the mixed workload got no token within 300 s: {errors[:3]}")
+        with lock:
+            window.append(time.perf_counter())
+        time.sleep(seconds)
+        with lock:
+            window.append(time.perf_counter())
+            stop.set()
+            for stream in streams.values():
+                stream.abort()
         for t in threads:
-            t.join()
-        run.elapsed = time.perf_counter() - t0
+            t.join(60)
         if errors:
             raise BenchError(f"{len(errors)} requests of the mixed workload failed: {errors[:3]}")
+        run.tokens = sum(n for at, n in arrivals if window[0] <= at <= window[1])
+        run.elapsed = window[1] - window[0]
         return run
 
     def commit_to_live(self) -> dict[str, list[float]]:
@@ -395,7 +424,7 @@ def measure(
     runs: list[MixedRun] = []
 
     def ours() -> float:
-        runs.append(bench.mixed(work, MIXED_CLIENTS))
+        runs.append(bench.mixed(work, MIXED_CLIENTS, sizes.mixed_window_s))
         return runs[-1].tokens_per_second
 
     throughput = interleave(
