@@ -52,10 +52,13 @@ def test_sigterm_lets_streams_in_flight_finish_then_exits_0(
         assert d.live() == "base"
         first_chunk = [threading.Event() for _ in range(4)]
         streams: list[list[dict[str, Any]] | BaseException] = [[] for _ in range(4)]
+        together = threading.Barrier(4)
 
         def consume(i: int) -> None:
             try:
-                body = {"prompt": f"stream {i} =>", "max_tokens": 200, "temperature": 0}
+                together.wait(30)
+                # 240 tokens of 256: each row decodes for hundreds of steps, all four in one batch.
+                body = {"prompt": f"stream {i} =>", "max_tokens": 240, "temperature": 0}
                 for chunk in Client(str(d.sock)).stream("/v1/completions", body):
                     streams[i].append(chunk)  # type: ignore[union-attr]
                     first_chunk[i].set()
@@ -63,16 +66,9 @@ def test_sigterm_lets_streams_in_flight_finish_then_exits_0(
                 streams[i] = exc
                 first_chunk[i].set()
 
-        # A long stream first: while its batch runs, the four below queue up and then share one
-        # batch, so all four are mid-stream together (a row's result arrives when its batch ends).
-        blocker = Client(str(d.sock)).stream(
-            "/v1/completions", {"prompt": "first =>", "max_tokens": 200, "temperature": 0}
-        )
-        next(blocker)
         threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        list(blocker)
         for e in first_chunk:
             assert e.wait(60)
         d.signal(signal.SIGTERM)
