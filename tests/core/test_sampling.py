@@ -95,11 +95,17 @@ def test_rows_that_all_have_a_top_k_filter_as_a_full_sort_would() -> None:
         scaled = torch.randn(4, 5000, generator=gen) * 3
         ks = [int(k) for k in torch.randint(1, 60, (4,), generator=gen)]
         ps = [1.0, 0.5, 0.9, float(torch.rand((), generator=gen))]
-        partial = _top_k_top_p(scaled, ks, ps)  # topk path
-        full = _top_k_top_p(torch.cat([scaled, scaled[:1]]), [*ks, 0], [*ps, 1.0])[:4]  # one row without: sort
+        partial = _spread(*_top_k_top_p(scaled, ks, ps))  # topk path
+        full = _spread(*_top_k_top_p(torch.cat([scaled, scaled[:1]]), [*ks, 0], [*ps, 1.0]))[:4]  # one row without
         assert torch.equal(partial, full), trial
         kept = torch.isfinite(partial).sum(dim=-1).tolist()
         assert all(1 <= n <= k for n, k in zip(kept, ks, strict=True)) and kept[0] == ks[0], (kept, ks)
+
+
+def _spread(values: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Candidates back over the whole vocabulary (-inf where filtered out); [R, 5000]."""
+    assert order is not None
+    return torch.full((values.shape[0], 5000), float("-inf")).scatter_(-1, order, values)
 
 
 def test_temperature_zero_or_tiny_is_greedy_and_never_nan() -> None:
@@ -118,3 +124,14 @@ def test_generation_config_values_become_defaults_only_when_set_and_valid() -> N
     assert sampling_defaults(qwen_like) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
     odd = GenerationConfig(do_sample=True, temperature=5.0, top_p=0.9)
     assert sampling_defaults(odd) == {"top_p": 0.9}  # a temperature no request could send is not a default
+
+
+def test_inverse_cdf_never_lands_on_a_filtered_entry() -> None:
+    """u * total rounding up to the total (or past it) chooses the last entry with mass, not the -inf tail."""
+    from hotswap_core.sampling import _inverse_cdf
+
+    inf = float("inf")
+    values = torch.tensor([[2.0, 1.0, -inf, -inf], [-inf, 0.0, -inf, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    assert _inverse_cdf(values, torch.tensor([1.0, 1.0, 1.0])).tolist() == [1, 3, 3]
+    assert _inverse_cdf(values, torch.tensor([0.0, 0.0, 0.0])).tolist() == [0, 1, 0]
+    assert _inverse_cdf(values, torch.tensor([0.72, 0.5, 0.49])).tolist() == [0, 3, 1]  # softmax: 0.731 | 0.047 | 0.25 each
