@@ -134,4 +134,4 @@ def test_inverse_cdf_never_lands_on_a_filtered_entry() -> None:
     values = torch.tensor([[2.0, 1.0, -inf, -inf], [-inf, 0.0, -inf, 3.0], [0.0, 0.0, 0.0, 0.0]])
     assert _inverse_cdf(values, torch.tensor([1.0, 1.0, 1.0])).tolist() == [1, 3, 3]
     assert _inverse_cdf(values, torch.tensor([0.0, 0.0, 0.0])).tolist() == [0, 1, 0]
-    assert _inverse_cdf(values, torch.tensor([0.72, 0.5, 0.49])).tolist() == [0, 3, 1]  # softmax: 0.731 | 0.047 | 0.25 each
+    assert _inverse_cdf(values, torch.tensor([0.72, 0.5, 0.49])).tolist() == [0, 3, 1]  # 0.731 / 0.047 / 0.25
