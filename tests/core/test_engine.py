@@ -106,9 +106,14 @@ def test_sampling_is_seeded_and_bounded(engine: Any) -> None:
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
     a, b = (engine.generate(["Hello =>"], params)[0] for _ in range(2))
     assert a.token_ids == b.token_ids
-    other = engine.generate(["Hello =>"], SamplingParams(max_tokens=12, temperature=1.0, seed=8))[0]
-    assert other.token_ids != a.token_ids
     assert a.completion_tokens <= 12
+    # The adapter puts most of its mass on one answer, so any one other seed may draw it too; across
+    # eight seeds at a higher temperature the draws must differ, or the seed is not reaching the sampler.
+    draws = {
+        engine.generate(["Hello =>"], SamplingParams(max_tokens=12, temperature=1.5, seed=s))[0].token_ids
+        for s in range(8, 16)
+    }
+    assert len(draws) > 1, draws
 
 
 def test_a_seeded_request_draws_the_same_text_whatever_shares_its_batch(engine: Any) -> None:
