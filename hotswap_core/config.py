@@ -42,6 +42,9 @@ class ModelConfig:
     max_batch_size: int = 8
     max_seq_len: int = 512
     trust_remote_code: bool = False
+    # The base model's linears on a CPU: auto (oneDNN prepacked weights in float32, where torch has oneDNN) |
+    # onednn (also bfloat16; an error without oneDNN) | aten (F.linear, as transformers runs them). No effect on CUDA.
+    cpu_linear: Literal["auto", "onednn", "aten"] = "auto"
 
 
 @dataclass(frozen=True)

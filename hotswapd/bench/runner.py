@@ -221,9 +221,9 @@ class _Run:
     def _serving(self, daemon: DaemonBench, sizes: Sizes, paths: list[Path], model_path: str) -> ModelFigures:
         max_seq_len = int(self.raw_model["max_seq_len"])
 
-        def generate() -> TransformersGenerate:
+        def generate(cpu_linear: str) -> TransformersGenerate:
             return TransformersGenerate(
-                model_path, paths[0], self.dtype, self.device, max_seq_len, compiled=self.config.compile
+                model_path, paths[0], self.dtype, self.device, max_seq_len, self.config.compile, cpu_linear
             )
 
         return measure(daemon, sizes, paths, generate, self.say)

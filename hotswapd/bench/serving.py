@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hotswap_core import prepack
 from hotswapd.bench.daemon import PROMPT, DaemonBench
 from hotswapd.bench.errors import BenchError
 from hotswapd.bench.stats import interleave
@@ -339,7 +340,14 @@ class TransformersGenerate:
     graph), greedy, EOS ignored, the workload in padded batches of ``batch``."""
 
     def __init__(
-        self, model_path: str, adapter: Path, dtype: str, device: str, max_seq_len: int, compiled: bool = True
+        self,
+        model_path: str,
+        adapter: Path,
+        dtype: str,
+        device: str,
+        max_seq_len: int,
+        compiled: bool = True,
+        cpu_linear: str = "aten",
     ) -> None:
         import torch
         from peft import PeftModel
@@ -352,6 +360,11 @@ class TransformersGenerate:
         base: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         base = base.to(self.device)
         self.model: Any = PeftModel.from_pretrained(base, str(adapter)).eval()
+        # "aten": transformers as users run it. "auto": the daemon's own CPU linears (hotswap_core.prepack), so
+        # the comparison can also be made kernel for kernel; ``packed`` says how many it packed.
+        self.packed = 0
+        if prepack.use_onednn(cpu_linear, self.device, getattr(torch, dtype)):
+            self.packed, _ = prepack.prepack_linears(self.model)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.pad = pad
         # transformers compiles the decode step on its own only on accelerators; on CPU it must be asked to.
@@ -405,11 +418,13 @@ def measure(
     daemon: DaemonBench,
     sizes: Sizes,
     paths: list[Path],
-    generate: Callable[[], TransformersGenerate],
+    generate: Callable[[str], TransformersGenerate],
     say: Callable[[str], None],
 ) -> ModelFigures:
     """Every serving figure on ``daemon``; ``paths[0]`` is served for the throughput comparison, and ``generate``
-    builds transformers' contender on the same model and adapter (in this process, on a thread of its own)."""
+    builds transformers' contender on the same model and adapter (in this process, on a thread of its own), given
+    its CPU linears: ``aten`` (as transformers runs), and ``auto`` (the daemon's: a second contender, where
+    that packs anything, so the batching's gain shows apart from the kernels')."""
     from hotswapd.bench.inprocess import on_own_thread
 
     bench = ServingBench(daemon, sizes, paths, say)
@@ -419,21 +434,29 @@ def measure(
     alone = bench.ttft_alone()
     daemon.swap(paths[0])
     work = bench.workload
-    contender = on_own_thread(generate)
-    on_own_thread(lambda: contender.batch(work[:MIXED_CLIENTS]))  # compiles: untimed
+    contenders = {f"transformers_generate_batch_{MIXED_CLIENTS}": on_own_thread(lambda: generate("aten"))}
+    same_kernels = on_own_thread(lambda: generate("auto"))
+    if same_kernels.packed:
+        contenders[f"transformers_generate_batch_{MIXED_CLIENTS}_onednn"] = same_kernels
+
+    def warm(contender: TransformersGenerate) -> Callable[[], int]:
+        return lambda: contender.batch(work[:MIXED_CLIENTS])
+
+    for contender in contenders.values():
+        on_own_thread(warm(contender))  # compiles: untimed
     runs: list[MixedRun] = []
 
     def ours() -> float:
         runs.append(bench.mixed(work, MIXED_CLIENTS, sizes.mixed_window_s))
         return runs[-1].tokens_per_second
 
+    def theirs(contender: TransformersGenerate) -> Callable[[], float]:
+        return lambda: on_own_thread(lambda: contender.throughput(work, MIXED_CLIENTS))
+
     throughput = interleave(
         {
             f"hotswapd_{MIXED_CLIENTS}_clients": (ours, sizes.rounds),
-            f"transformers_generate_batch_{MIXED_CLIENTS}": (
-                lambda: on_own_thread(lambda: contender.throughput(work, MIXED_CLIENTS)),
-                sizes.rounds,
-            ),
+            **{name: (theirs(contender), sizes.rounds) for name, contender in contenders.items()},
         }
     )
     say(f"commit -> live: {sizes.swaps} swaps while {LONG_CLIENTS} long generations run")
