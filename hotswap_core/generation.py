@@ -6,6 +6,7 @@ The engine's worker owns the model; everything here is plain host-side bookkeepi
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import threading
 import time
@@ -13,8 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from hotswap_core.detokenize import IncrementalDetokenizer
 from hotswap_core.slots import AdapterVersion
@@ -98,7 +97,7 @@ class RowState:
         self._stopped = False  # a stop string ended the text
         self.first_token_at: float | None = None
         self._seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
-        self._generator: torch.Generator | None = None  # created on the logits' device at the first draw
+        self._random = random.Random(self._seed)
         # Text that may still become the start of a stop string is held back from the stream.
         self._holdback = max(0, self._longest_stop - 1)
 
@@ -123,13 +122,10 @@ class RowState:
     def min_tokens(self) -> int:
         return self.params.min_tokens
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """This row's random stream on ``device``, seeded from the request (or at random): its own, so a seeded
-        request draws the same tokens whatever else is in its batch."""
-        if self._generator is None:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self._seed)
-        return self._generator
+    def uniform(self) -> float:
+        """The next number in [0, 1) of this row's random stream, seeded from the request (or at random): its
+        own, so a seeded request draws the same tokens whatever else is in its batch."""
+        return self._random.random()
 
     def push(self, token_id: int) -> None:
         """Accept the next sampled token; updates text, finish state, and streams the new text."""

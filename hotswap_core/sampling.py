@@ -1,12 +1,13 @@
 """Batched sampling on the logits' device: greedy, temperature, top-k and top-p for every row at once, and one
 device -> host transfer of the chosen ids per step.
 
-A random row draws by inverse transform: one uniform ``u`` from the row's own generator, and the first token
+A random row draws by inverse transform: one uniform ``u`` from the row's own stream, and the first token
 whose cumulative probability (of ``softmax(logits / T)``, after top-k and top-p) passes ``u`` times the total.
-Each row's generator lives on the device, seeded from the request's ``seed``, so a seeded request gets the same
-tokens whatever else shares its batch: no other row's draws, count or order touch its stream. One number a row
-per step, where a race of noise (Gumbel-max) draws a vocabulary's worth: at 152k entries that was 2 ms a row
-on a CPU.
+Each row's stream is its own ``random.Random`` seeded from the request's ``seed``, so a seeded request gets the
+same tokens whatever else shares its batch: no other row's draws, count or order touch its stream. One number a
+row per step, where a race of noise (Gumbel-max) draws a vocabulary's worth (at 152k entries that was 2 ms a row
+on a CPU); the step's numbers go to the device in one copy that does not wait for it (a generator per row on
+the device was a kernel per row), and the rest is the same few tensor operations for every row.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ log = logging.getLogger("hotswapd.engine")
 
 # Below this temperature a draw is the argmax (logits / T overflows long before T reaches 0 in float32).
 MIN_TEMPERATURE = 1e-5
+# The largest uniform a draw uses, exact in float32: u * total then stays below the total after rounding, so the
+# search always lands on an entry with mass (the last 2**-20 of it is never drawn).
+UNIFORM_CEILING = 1.0 - 2.0**-20
 
 
 class Row(Protocol):
@@ -37,7 +41,7 @@ class Row(Protocol):
     def top_k(self) -> int: ...
     @property
     def min_tokens(self) -> int: ...
-    def generator(self, device: torch.device) -> torch.Generator: ...
+    def uniform(self) -> float: ...
 
 
 def sample(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
@@ -54,9 +58,8 @@ def sample(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
     if any(t != 1.0 for t in temperature):
         scaled = scaled / torch.tensor(temperature, device=device)[:, None]
     values, order = _top_k_top_p(scaled, [rows[i].top_k for i in drawn], [rows[i].top_p for i in drawn])
-    uniform = torch.cat(
-        [torch.rand(1, generator=rows[i].generator(device), device=device) for i in drawn]
-    )  # [R]: one number from each row's own stream
+    uniform = torch.tensor([rows[i].uniform() for i in drawn], dtype=torch.float32)  # [R]: each row's own stream
+    uniform = uniform.to(device, non_blocking=True)  # pageable: staged at once, the device not waited for
     choice = _inverse_cdf(values, uniform)  # [R], into values
     tokens = choice if order is None else order.gather(1, choice[:, None])[:, 0]
     if index is not None:
@@ -66,12 +69,12 @@ def sample(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
 
 def _inverse_cdf(values: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """For each row of ``values`` [R, W] (logits, -inf for what is filtered out), the first index whose
-    cumulative softmax mass passes ``uniform`` [R] times the row's total. A filtered entry (probability 0) is
-    never chosen: were ``u * total`` to round up to the total, the choice is the last entry with any mass."""
+    cumulative softmax mass passes ``uniform`` [R] (at most ``UNIFORM_CEILING``) times the row's total. A
+    filtered entry (probability 0) is never chosen: its cumulative mass equals the one before it, and the
+    target stays below the total."""
     cdf = torch.softmax(values, dim=-1).cumsum(dim=-1)  # float32 (on the CPU, summed in float64)
-    total = cdf[:, -1:].contiguous()
-    past = torch.searchsorted(cdf, uniform[:, None] * total, right=True)
-    return past.minimum(torch.searchsorted(cdf, total))[:, 0]
+    target = uniform.clamp(max=UNIFORM_CEILING)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
 
 
 def _mask_early_eos(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
