@@ -79,6 +79,11 @@ def use_onednn(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
             raise EngineError("model.cpu_linear is 'onednn', but this torch build has no oneDNN (mkldnn)")
         if dtype not in (torch.float32, torch.bfloat16):
             raise EngineError(f"model.cpu_linear 'onednn' packs float32 or bfloat16 weights, not {dtype}")
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise EngineError(
+                "model.cpu_linear is 'onednn' with bfloat16, but this CPU has no oneDNN bfloat16 support "
+                "(AVX-512 BF16 or AMX): use float32, or cpu_linear 'aten'"
+            )
         return True
     return available and dtype == torch.float32
 

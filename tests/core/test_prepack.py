@@ -62,7 +62,11 @@ def test_which_models_are_packed() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert prepack.use_onednn("auto", cpu, torch.float32)
     assert not prepack.use_onednn("auto", cpu, torch.bfloat16)  # auto: float32 only
-    assert prepack.use_onednn("onednn", cpu, torch.bfloat16)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert prepack.use_onednn("onednn", cpu, torch.bfloat16)
+    else:  # this CPU: a clear refusal at load, not a failing first step
+        with pytest.raises(EngineError, match="no oneDNN bfloat16 support"):
+            prepack.use_onednn("onednn", cpu, torch.bfloat16)
     assert not prepack.use_onednn("aten", cpu, torch.float32)
     assert not prepack.use_onednn("onednn", cuda, torch.bfloat16)  # CUDA: cuBLAS, never packed
     with pytest.raises(EngineError, match=r"not torch\.float16"):
