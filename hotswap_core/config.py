@@ -45,6 +45,9 @@ class ModelConfig:
     # The base model's linears on a CPU: auto (oneDNN prepacked weights in float32, where torch has oneDNN) |
     # onednn (also bfloat16; an error without oneDNN) | aten (F.linear, as transformers runs them). No effect on CUDA.
     cpu_linear: Literal["auto", "onednn", "aten"] = "auto"
+    # Intra-op threads of the CPU kernels: auto (1 for a model without a linear of 1M weights, else torch's count,
+    # one per physical core; OMP_NUM_THREADS, when set, wins) | a number. See cpu_threads.py.
+    cpu_threads: Literal["auto"] | int = "auto"
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,12 @@ def _describe(value: Any) -> str:
     return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
 
 
+def _expected(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
 def _build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     """Convert ``value`` to the annotated type ``tp``, appending ``key: message`` on mismatch."""
     where = key or "<top level>"
@@ -209,8 +218,16 @@ def _build(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _build(inner, value, key, problems)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _build(inner[0], value, key, problems)
+        for alternative in inner:  # the first that takes the value; else one problem naming them all
+            tried: list[str] = []
+            built = _build(alternative, value, key, tried)
+            if not tried:
+                return built
+        problems.append(f"{where}: expected {' or '.join(map(_expected, inner))}, got {_describe(value)}")
+        return None  # a config with problems is never built
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -267,6 +284,8 @@ def _check_values(c: Config) -> list[str]:
         "source.hub.keep_versions": c.source.hub.keep_versions,
     }
     p += [f"{k}: must be > 0, got {v!r}" for k, v in positive.items() if v <= 0]
+    if isinstance(c.model.cpu_threads, int) and c.model.cpu_threads < 1:
+        p.append(f"model.cpu_threads: must be 'auto' or >= 1, got {c.model.cpu_threads}")
     if c.adapter.target_rank < 1:
         p.append(f"adapter.target_rank: must be >= 1, got {c.adapter.target_rank}")
     if not c.adapter.target_modules:

@@ -113,6 +113,11 @@ class Metrics:
             ["version", "torch", "transformers", "peft", "device", "python"],
             registry=r,
         )
+        self.cpu_threads = Gauge(
+            "hotswapd_engine_cpu_threads",
+            "Intra-op threads of the engine's CPU kernels (model.cpu_threads).",
+            registry=r,
+        )
         self._recompilations = _CounterFromFunction(
             "hotswapd_recompilations", "Graphs compiled after warm-up (must stay 0).", lambda: 0
         )

@@ -239,6 +239,7 @@ class Daemon:
         )
         self.metrics.watch_source_head(self._source_head)
         self.metrics.set_build_info(str(engine.device))
+        self.metrics.cpu_threads.set(engine.runner.cpu_threads)
         self.metrics.watch_history(lambda: self.history.persist_failures)
         if self.config.source.kind == "directory":
             self.metrics.watch_source("directory", SOURCE_EVENT_KINDS)

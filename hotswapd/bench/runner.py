@@ -222,8 +222,9 @@ class _Run:
         max_seq_len = int(self.raw_model["max_seq_len"])
 
         def generate(cpu_linear: str) -> TransformersGenerate:
+            threads = self.raw_model.get("cpu_threads", "auto")
             return TransformersGenerate(
-                model_path, paths[0], self.dtype, self.device, max_seq_len, self.config.compile, cpu_linear
+                model_path, paths[0], self.dtype, self.device, max_seq_len, self.config.compile, cpu_linear, threads
             )
 
         return measure(daemon, sizes, paths, generate, self.say)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hotswap_core import prepack
+from hotswap_core import cpu_threads, prepack
 from hotswapd.bench.daemon import PROMPT, DaemonBench
 from hotswapd.bench.errors import BenchError
 from hotswapd.bench.stats import interleave
@@ -348,6 +348,7 @@ class TransformersGenerate:
         max_seq_len: int,
         compiled: bool = True,
         cpu_linear: str = "aten",
+        threads: str | int = "auto",
     ) -> None:
         import torch
         from peft import PeftModel
@@ -359,6 +360,9 @@ class TransformersGenerate:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         base: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         base = base.to(self.device)
+        # The daemon's intra-op threads for this model (``model.cpu_threads``), set before anything compiles: this
+        # process serves several models in turn, and inductor keeps the count it compiled with.
+        self.threads = cpu_threads.apply(threads, base, self.device)
         self.model: Any = PeftModel.from_pretrained(base, str(adapter)).eval()
         # "aten": transformers as users run it. "auto": the daemon's own CPU linears (hotswap_core.prepack), so
         # the comparison can also be made kernel for kernel; ``packed`` says how many it packed.
@@ -411,6 +415,7 @@ class ModelFigures:
     commit: dict[str, list[float]]
     sampling: dict[str, list[float]]
     throughput: dict[str, list[float]]  # tokens/s per run of the mixed workload
+    cpu_threads: dict[str, float]  # intra-op threads: the daemon's (its gauge), generate()'s
     recompilations: float  # the daemon's hotswapd_recompilations_total after all of the above (must be 0)
 
 
@@ -464,13 +469,15 @@ def measure(
     say("sampling cost: temperature 0 vs 1 vs top-p/top-k, tokens/s")
     sampling = bench.sampling_cost()
     ttft = {"alone": alone, f"{MIXED_CLIENTS}_clients_mixed": [t for r in runs for t in r.ttft]}
-    return ModelFigures(hol, ttft, commit, sampling, throughput, recompilations(daemon))
+    threads = {"hotswapd": gauge(daemon, "hotswapd_engine_cpu_threads"), "transformers_generate": same_kernels.threads}
+    recompiled = gauge(daemon, "hotswapd_recompilations_total")
+    return ModelFigures(hol, ttft, commit, sampling, throughput, threads, recompiled)
 
 
-def recompilations(daemon: DaemonBench) -> float:
-    """``hotswapd_recompilations_total`` from the daemon's ``GET /metrics`` on its socket."""
+def gauge(daemon: DaemonBench, name: str) -> float:
+    """A series without labels from the daemon's ``GET /metrics`` on its socket."""
     response = daemon.client._open("GET", "/metrics", None)
     for line in response.read().decode().splitlines():
-        if line.startswith("hotswapd_recompilations_total "):
+        if line.startswith(f"{name} "):
             return float(line.split()[1])
-    raise BenchError("GET /metrics has no hotswapd_recompilations_total")
+    raise BenchError(f"GET /metrics has no {name}")

@@ -144,12 +144,14 @@ def vs_generate(figures: dict[str, ModelFigures]) -> dict[str, Any]:
         "contenders": c,
         "ratios": ratios,
         "targets": targets,
+        "cpu_threads": {m: f.cpu_threads for m, f in figures.items()},
         "notes": "tokens/s over the same mixed workload (prompts and lengths): hotswapd over its socket with "
         f"{MIXED_CLIENTS} closed-loop streaming clients, tokens that arrived in a steady-state window; "
         "transformers' generate() in process on the same base + adapter, "
         f"compiled, static cache, greedy, padded batches of {MIXED_CLIENTS} (a batch runs to its longest request); "
         "the _onednn contender, where the daemon packs its CPU linears (model.cpu_linear), is generate() on the "
-        "same oneDNN linears, so that ratio is the batching's gain alone",
+        "same oneDNN linears, so that ratio is the batching's gain alone; generate() runs on the daemon's intra-op "
+        "thread count (cpu_threads)",
     }
 
 
@@ -183,5 +185,7 @@ def render(f: dict[str, Any], first: int) -> list[str]:
         lines += ["", _header(f"{k}. {title}")]
         notes = {key.rsplit("/", 1)[0]: f"{_times(v)} {key.rsplit('/', 1)[1]}" for key, v in section["ratios"].items()}
         lines += _rows(section["contenders"], fmt, notes)
+        for m, threads in section.get("cpu_threads", {}).items():
+            lines.append(f"  {m}: intra-op threads, " + ", ".join(f"{k} {v:g}" for k, v in threads.items()))
         lines += _targets(section)
     return lines

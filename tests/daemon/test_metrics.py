@@ -116,6 +116,7 @@ def test_exposition_passes_promtool_and_counts_what_happened(daemon: DaemonProce
     live = [ln for ln in text.splitlines() if ln.startswith("hotswapd_adapter_info{")]
     assert len(live) == 1 and 'version="bravo-1"' in live[0] and live[0].endswith(" 1.0")
     assert re.search(r'hotswapd_build_info\{.*device="cpu".*\} 1.0', text)
+    assert metric(text, "hotswapd_engine_cpu_threads") == 1  # the demo's matrices are tiny: model.cpu_threads auto
     # Versions and paths appear only on the _info metrics.
     for line in text.splitlines():
         if not line.startswith("#") and "_info{" not in line:
