@@ -45,8 +45,8 @@ class ModelConfig:
     # The base model's linears on a CPU: auto (oneDNN prepacked weights in float32, where torch has oneDNN) |
     # onednn (also bfloat16; an error without oneDNN) | aten (F.linear, as transformers runs them). No effect on CUDA.
     cpu_linear: Literal["auto", "onednn", "aten"] = "auto"
-    # Intra-op threads of the CPU kernels: auto (1 for a model without a linear of 1M weights, else torch's count,
-    # one per physical core; OMP_NUM_THREADS, when set, wins) | a number. See cpu_threads.py.
+    # Intra-op threads of the CPU kernels: auto (torch's count: one per physical core, or OMP_NUM_THREADS) | a
+    # number (1: a sidecar that leaves the other cores to its neighbours). See cpu_threads.py.
     cpu_threads: Literal["auto"] | int = "auto"
 
 

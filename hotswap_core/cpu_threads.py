@@ -1,62 +1,42 @@
 """How many intra-op threads run the engine's CPU kernels (``model.cpu_threads``).
 
 torch gives every CPU operator one thread per physical core, and inductor compiles that count into its
-kernels (``#pragma omp parallel num_threads(N)``, part of the cache key). Each parallel region is a fork and a
-join: at Qwen2.5-1.5B's geometry the second core pays (2 cores: a decode step of 8 rows 138 ms on 1 thread,
-81 ms on 2), but a model whose matrices are all small spends the step waking threads. On the demo model
-(hidden 64) one thread made a decode step of 4 rows 5.05 -> 0.68 ms, and the daemon's 2-client latency
-19.8 -> 13.9 ms, because a join also waits whenever the other core is busy with the event loop or a swap.
+kernels (``#pragma omp parallel num_threads(N)``, part of its cache key), so the count is set at load, before
+anything compiles. ``auto`` keeps torch's count (an ``OMP_NUM_THREADS`` in the environment sets it, as torch
+reads it); a number sets it outright, on any device (on CUDA it only concerns host-side operators).
 
-``auto``: one thread when no linear of the base model reaches ``prepack.MIN_WEIGHTS`` entries (the size at
-which a matrix is worth oneDNN's blocked layout is also where splitting it starts to pay), else torch's own
-count. An operator's ``OMP_NUM_THREADS`` is left alone, as torch leaves it. On CUDA ``auto`` changes nothing;
-a number is applied on any device (the host-side operators).
+Measured on 2 cores, float32. The geometry model (Qwen2.5-1.5B's shapes, 2 layers), in process: a decode step
+of 8 rows 81 ms on 2 threads, 138 ms on 1. The demo model (hidden 64), in process: a decode step of 4 rows
+5.05 ms on 2 threads, 0.68 ms on 1. But the demo daemon over its socket, two daemons side by side in turns:
+8 mixed streaming clients 2,994 tokens/s on 2 threads against 2,030 on 1, using 1.86 cores against 1.05
+(an earlier pair of runs: 3,632 against 3,560). So the default stays torch's, and 1 is the setting for a
+sidecar that should leave the machine's other cores to its neighbours.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
-from torch import nn
-
-from hotswap_core import prepack
 
 log = logging.getLogger("hotswapd.engine")
 
-ENV_OVERRIDES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-# torch's own count, as this process started: what "leave torch's count" restores in a process that loads more
-# than one model (the bench), and the same as leaving it alone in a daemon.
+# torch's own count, as this process started: what ``auto`` restores in a process that loads more than one model
+# with different settings (the bench), and the same as leaving it alone in a daemon.
 STARTUP_THREADS = torch.get_num_threads()
 
 
-def largest_linear(model: nn.Module) -> int:
-    """Entries of the largest ``nn.Linear`` weight in ``model`` (0 if it has none)."""
-    return max((m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), default=0)
-
-
-def choose(choice: str | int, model: nn.Module, device: torch.device) -> tuple[int | None, str]:
-    """The intra-op thread count for ``model.cpu_threads: choice`` and why; None: torch's own count."""
+def choose(choice: str | int, device: torch.device) -> tuple[int, str]:
+    """The intra-op thread count for ``model.cpu_threads: choice``, and why."""
     if not isinstance(choice, str):
         return choice, "model.cpu_threads"
-    if device.type != "cpu":
-        return None, f"auto on {device.type}"
-    env = next((f"{k}={os.environ[k]}" for k in ENV_OVERRIDES if os.environ.get(k)), None)
-    if env is not None:
-        return None, f"auto: {env} set"
-    largest = largest_linear(model)
-    if largest < prepack.MIN_WEIGHTS:
-        return 1, f"auto: the largest linear has {largest:,} weights (< {prepack.MIN_WEIGHTS:,})"
-    return None, f"auto: the largest linear has {largest:,} weights"
+    return STARTUP_THREADS, f"auto: torch's count on this {device.type} host"
 
 
-def apply(choice: str | int, model: nn.Module, device: torch.device) -> int:
+def apply(choice: str | int, device: torch.device) -> int:
     """Set the process's intra-op threads for ``choice`` before anything is compiled; returns the count in use."""
-    threads, why = choose(choice, model, device)
-    threads = STARTUP_THREADS if threads is None else threads
+    threads, why = choose(choice, device)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
-    used = torch.get_num_threads()
-    log.info("cpu_threads: %d intra-op thread%s (%s)", used, "" if used == 1 else "s", why)
-    return used
+    log.info("cpu_threads: %d intra-op thread%s (%s)", threads, "" if threads == 1 else "s", why)
+    return threads

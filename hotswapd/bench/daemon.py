@@ -103,7 +103,10 @@ class DaemonRun:
 
 
 def complete(client: Client, max_tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
-    return client.post("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    """A greedy completion of exactly ``max_tokens`` (``ignore_eos``): the same work whichever adapter is live, so
+    windows that swap adapters and windows that do not compare like for like."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return client.post("/v1/completions", body)
 
 
 class DaemonBench:

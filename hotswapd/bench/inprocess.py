@@ -147,7 +147,8 @@ class HotswapdInProcess:
         }
 
     def generate(self, prompt: str, max_tokens: int) -> int:
-        (result,) = self.engine.generate([prompt], SamplingParams(max_tokens=max_tokens), timeout=120)
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)  # as the daemon's requests: fixed length
+        (result,) = self.engine.generate([prompt], params, timeout=120)
         return result.completion_tokens
 
 

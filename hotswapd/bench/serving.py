@@ -362,7 +362,7 @@ class TransformersGenerate:
         base = base.to(self.device)
         # The daemon's intra-op threads for this model (``model.cpu_threads``), set before anything compiles: this
         # process serves several models in turn, and inductor keeps the count it compiled with.
-        self.threads = cpu_threads.apply(threads, base, self.device)
+        self.threads = cpu_threads.apply(threads, self.device)
         self.model: Any = PeftModel.from_pretrained(base, str(adapter)).eval()
         # "aten": transformers as users run it. "auto": the daemon's own CPU linears (hotswap_core.prepack), so
         # the comparison can also be made kernel for kernel; ``packed`` says how many it packed.

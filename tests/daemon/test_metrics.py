@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from hotswap_core import cpu_threads
 from hotswapd.client import _UnixConnection
 from hotswapd.demo import DemoAssets
 
@@ -116,7 +117,8 @@ def test_exposition_passes_promtool_and_counts_what_happened(daemon: DaemonProce
     live = [ln for ln in text.splitlines() if ln.startswith("hotswapd_adapter_info{")]
     assert len(live) == 1 and 'version="bravo-1"' in live[0] and live[0].endswith(" 1.0")
     assert re.search(r'hotswapd_build_info\{.*device="cpu".*\} 1.0', text)
-    assert metric(text, "hotswapd_engine_cpu_threads") == 1  # the demo's matrices are tiny: model.cpu_threads auto
+    # model.cpu_threads auto: torch's count, which this process got too (same host, same environment)
+    assert metric(text, "hotswapd_engine_cpu_threads") == cpu_threads.STARTUP_THREADS
     # Versions and paths appear only on the _info metrics.
     for line in text.splitlines():
         if not line.startswith("#") and "_info{" not in line:
