@@ -26,17 +26,12 @@ log = logging.getLogger("hotswapd.engine")
 STARTUP_THREADS = torch.get_num_threads()
 
 
-def choose(choice: str | int, device: torch.device) -> tuple[int, str]:
-    """The intra-op thread count for ``model.cpu_threads: choice``, and why."""
-    if not isinstance(choice, str):
-        return choice, "model.cpu_threads"
-    return STARTUP_THREADS, f"auto: torch's count on this {device.type} host"
-
-
-def apply(choice: str | int, device: torch.device) -> int:
-    """Set the process's intra-op threads for ``choice`` before anything is compiled; returns the count in use."""
-    threads, why = choose(choice, device)
+def apply(choice: str | int) -> int:
+    """Set the process's intra-op threads for ``model.cpu_threads: choice`` before anything is compiled; returns
+    the count in use."""
+    threads = STARTUP_THREADS if choice == "auto" else int(choice)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
+    why = "model.cpu_threads" if choice != "auto" else "auto: torch's count"
     log.info("cpu_threads: %d intra-op thread%s (%s)", threads, "" if threads == 1 else "s", why)
     return threads

@@ -115,7 +115,7 @@ class ModelRunner:
         peft_model.eval()
         # Run the transformers model's own decoder and head: PeftModel's wrapper adds Python glue, no math.
         self.model: torch.nn.Module = peft_model.base_model.model  # type: ignore[assignment]
-        self.cpu_threads = cpu_threads.apply(m.cpu_threads, self.device)  # before anything compiles
+        self.cpu_threads = cpu_threads.apply(m.cpu_threads)  # before anything compiles
         if prepack.use_onednn(m.cpu_linear, self.device, self.dtype):
             packed, nbytes = prepack.prepack_linears(self.model)
             log.info("cpu_linear: %d linears on oneDNN prepacked weights (%.1f MiB)", packed, nbytes / 2**20)

@@ -29,8 +29,9 @@ from hotswap_core.config import Config
 from hotswapd.bench import report, serving_report
 from hotswapd.bench.adapters import write_pool
 from hotswapd.bench.daemon import PROMPT, DaemonBench
+from hotswapd.bench.generate import TransformersGenerate
 from hotswapd.bench.inprocess import HotswapdInProcess, PeftCompiled, configure_dynamo, on_own_thread
-from hotswapd.bench.serving import ModelFigures, Sizes, TransformersGenerate, measure
+from hotswapd.bench.serving import ModelFigures, Sizes, measure
 from hotswapd.bench.stats import LoadWindow, closed_loop, interleave
 
 Mode = Literal["full", "quick", "tiny"]

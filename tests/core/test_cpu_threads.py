@@ -11,8 +11,6 @@ import torch
 from hotswap_core import cpu_threads
 from hotswap_core.config import ConfigError, config_from_dict
 
-CPU = torch.device("cpu")
-
 
 @pytest.fixture
 def restore_threads() -> Iterator[None]:
@@ -45,10 +43,10 @@ def test_auto_and_a_number_are_accepted_anything_else_is_named() -> None:
 
 
 def test_a_number_sets_the_process_count_and_auto_gives_torchs_back(restore_threads: None) -> None:
-    assert cpu_threads.apply(1, CPU) == 1 == torch.get_num_threads()
-    assert cpu_threads.apply(3, torch.device("cuda")) == 3 == torch.get_num_threads()  # host-side operators
+    assert cpu_threads.apply(1) == 1 == torch.get_num_threads()
+    assert cpu_threads.apply(3) == 3 == torch.get_num_threads()
     # The bench loads several models in one process: auto restores what torch chose at start.
-    assert cpu_threads.apply("auto", CPU) == cpu_threads.STARTUP_THREADS == torch.get_num_threads()
+    assert cpu_threads.apply("auto") == cpu_threads.STARTUP_THREADS == torch.get_num_threads()
 
 
 def test_the_engine_reports_the_count_it_compiled_with(engine: object) -> None:
