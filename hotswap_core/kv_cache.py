@@ -44,6 +44,9 @@ class KVCache:
         for t in (*self.k, *self.v):
             # Written in place by every step: CUDA graphs must treat them as fixed addresses, not inputs to copy.
             torch._dynamo.mark_static_address(t)
+            # Its sizes are the model's geometry, constants: never symbols that could be equated with a prompt's
+            # length (dynamo's duck sizing: a 2-token warm-up prompt on a 2-KV-head model cost a graph).
+            torch._dynamo.mark_static(t)
 
     @classmethod
     def for_model(cls, config: Any, rows: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
