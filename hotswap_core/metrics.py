@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from hotswap_core.adapters import REASONS
+from hotswap_core.errors import REASONS
 
 SWAP_RESULTS = ("success", "rejected", "failed", "rolled_back")
 SWAP_PHASES = ("detect", "validate", "load", "stage", "verify", "commit")

@@ -5,7 +5,7 @@ many bytes of JSON mapping each tensor name to ``{dtype, shape, data_offsets}`` 
 ``__metadata__``), then the data region the offsets point into.
 
 ``read_header`` refuses a bad file with ``AdapterRejected`` and one of the ``truncated``, ``too_large``,
-``unreadable``, ``changed`` or ``malformed`` codes of ``hotswap_core.adapters.REASONS``.
+``unreadable``, ``changed`` or ``malformed`` codes of ``hotswap_core.errors.REASONS``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple, NoReturn
+from typing import Any, BinaryIO, NamedTuple
 
 from hotswap_core.config import ValidationConfig
-from hotswap_core.errors import AdapterRejected
+from hotswap_core.errors import reject
 
 # Bytes per element of every safetensors dtype, to check data_offsets.
 DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -74,16 +74,16 @@ def read_header(
             st = os.fstat(f.fileno())
             if st.st_size > validation.max_adapter_bytes:
                 limit = validation.max_adapter_bytes
-                _reject("too_large", path, f"{st.st_size} bytes exceed validation.max_adapter_bytes={limit}")
+                reject("too_large", path, f"{st.st_size} bytes exceed validation.max_adapter_bytes={limit}")
             if st.st_size < 8:
-                _reject("truncated", path, f"{st.st_size} bytes, shorter than the 8-byte header length")
+                reject("truncated", path, f"{st.st_size} bytes, shorter than the 8-byte header length")
             prefix = f.read(8)
             (header_len,) = struct.unpack("<Q", prefix)  # u64 little-endian header length
             if header_len > validation.max_header_bytes:
                 limit = validation.max_header_bytes
-                _reject("too_large", path, f"header of {header_len} bytes exceeds validation.max_header_bytes={limit}")
+                reject("too_large", path, f"header of {header_len} bytes exceeds validation.max_header_bytes={limit}")
             if 8 + header_len > st.st_size:
-                _reject("truncated", path, f"header of {header_len} bytes, but the file is {st.st_size} bytes")
+                reject("truncated", path, f"header of {header_len} bytes, but the file is {st.st_size} bytes")
             header = f.read(header_len)
             read = 0
             for chunk in itertools.chain((prefix, header), iter(lambda: f.read(1 << 20), b"")):
@@ -91,9 +91,9 @@ def read_header(
                 alone.update(chunk)
                 read += len(chunk)
     except OSError as exc:
-        _reject("unreadable", path, exc.strerror or str(exc))
+        reject("unreadable", path, exc.strerror or str(exc))
     if read != st.st_size:
-        _reject("changed", path, f"size changed while reading ({st.st_size} -> {read} bytes)")
+        reject("changed", path, f"size changed while reading ({st.st_size} -> {read} bytes)")
     entries = parse_header(header, st.st_size - 8 - header_len, path)
     return SafetensorsHeader(entries, st, combined.hexdigest(), alone.hexdigest())
 
@@ -107,9 +107,9 @@ def parse_header(raw: bytes, data_len: int, path: Path) -> dict[str, Safetensors
     try:
         header = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        _reject("malformed", path, f"header is not valid JSON: {exc}")
+        reject("malformed", path, f"header is not valid JSON: {exc}")
     if not isinstance(header, dict):
-        _reject("malformed", path, "header is not a JSON object")
+        reject("malformed", path, "header is not a JSON object")
     header.pop("__metadata__", None)
     entries: dict[str, SafetensorsEntry] = {}
     spans: list[tuple[int, int, str]] = []
@@ -119,27 +119,23 @@ def parse_header(raw: bytes, data_len: int, path: Path) -> dict[str, Safetensors
         shape_ok = isinstance(shape, list) and all(_is_count(d) for d in shape)
         offsets_ok = isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
         if dtype not in DTYPE_SIZES or not shape_ok or not offsets_ok:
-            _reject("malformed", path, f"header entry {key!r} is not {{dtype, shape, data_offsets}}: {info!r}")
+            reject("malformed", path, f"header entry {key!r} is not {{dtype, shape, data_offsets}}: {info!r}")
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         if offsets[1] - offsets[0] != nbytes:
-            _reject("malformed", path, f"{key}: {dtype}{shape} is {nbytes} bytes, data_offsets {offsets} disagree")
+            reject("malformed", path, f"{key}: {dtype}{shape} is {nbytes} bytes, data_offsets {offsets} disagree")
         entries[key] = SafetensorsEntry(dtype, tuple(shape))
         spans.append((offsets[0], offsets[1], key))
     end = 0
     for start, stop, key in sorted(spans):
         if start != end:
             gap = "a hole" if start > end else "an overlap"
-            _reject("malformed", path, f"{key} starts at data offset {start}: {gap} after offset {end}")
+            reject("malformed", path, f"{key} starts at data offset {start}: {gap} after offset {end}")
         end = stop
     if end > data_len:
-        _reject("truncated", path, f"the header needs {end} data bytes, the file holds {data_len}")
+        reject("truncated", path, f"the header needs {end} data bytes, the file holds {data_len}")
     if end < data_len:
-        _reject("malformed", path, f"{data_len - end} trailing bytes after the last tensor")
+        reject("malformed", path, f"{data_len - end} trailing bytes after the last tensor")
     return entries
-
-
-def _reject(reason: str, where: object, message: str) -> NoReturn:
-    raise AdapterRejected(reason, f"{where}: {message}") from None
 
 
 def _is_count(value: object) -> bool:

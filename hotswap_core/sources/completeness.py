@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from hotswap_core.adapters import _PICKLE_SUFFIXES, CONFIG_NAME, WEIGHTS_NAME, is_inside, open_within
+from hotswap_core.adapter_files import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, is_inside, open_within
 from hotswap_core.config import ValidationConfig
 from hotswap_core.errors import AdapterRejected
 from hotswap_core.safetensors_header import parse_header
 
 State = Literal["complete", "arriving", "broken", "outside"]
-OUTSIDE = "outside_watched_folder"  # the reason code of a refusal (hotswap_core.adapters.REASONS)
+OUTSIDE = "outside_watched_folder"  # the reason code of a refusal (hotswap_core.errors.REASONS)
 NO_MARKER = "no marker file"  # the producer has not said "complete": wait for it however long
 _MAX_HEADER = ValidationConfig().max_header_bytes
 _DIGEST = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})\b")
@@ -61,7 +61,7 @@ def _classify_files(folder: Path, marker: str | None, opener: Callable[[Path], B
     weights = folder / WEIGHTS_NAME
     if marker and not (folder / marker).is_file():
         return "arriving", f"{NO_MARKER} {marker}"
-    has_pickle = any(p.suffix in _PICKLE_SUFFIXES and p.is_file() for p in folder.iterdir())
+    has_pickle = any(p.suffix in PICKLE_SUFFIXES and p.is_file() for p in folder.iterdir())
     if not weights.is_file() and not has_pickle:
         return "arriving", f"no {WEIGHTS_NAME} yet"
     if not (folder / CONFIG_NAME).is_file():

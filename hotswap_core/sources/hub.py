@@ -49,7 +49,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from hotswap_core.adapters import CONFIG_NAME, WEIGHTS_NAME
+from hotswap_core.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from hotswap_core.config import HubSourceConfig
 from hotswap_core.errors import HotswapError, SourceError
 from hotswap_core.sources import call_back

@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 
-from hotswap_core.adapters import WEIGHTS_NAME
+from hotswap_core.adapter_files import WEIGHTS_NAME
 from hotswap_core.layout import PEFT_KEY_PREFIX, Layout
 
 

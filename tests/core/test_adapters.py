@@ -21,14 +21,13 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotswap_core.adapters import (
-    REASONS,
     AdapterSpec,
     inspect_adapter,
     load_adapter,
     validate_adapter,
 )
 from hotswap_core.config import ValidationConfig
-from hotswap_core.errors import AdapterRejected
+from hotswap_core.errors import REASONS, AdapterRejected
 from hotswap_core.layout import Layout, base_identities, layout_from_model
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from watchdog.observers.polling import PollingObserver
 
-from hotswap_core.adapters import CONFIG_NAME, WEIGHTS_NAME
+from hotswap_core.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from hotswap_core.config import DirectorySourceConfig
 from hotswap_core.history import fingerprint
 from hotswap_core.sources.directory import Candidate, DirectorySource
@@ -619,7 +619,7 @@ def test_open_within_checks_the_file_it_opened_not_the_name(tmp_path: Path) -> N
     # A link flipped between "inside" and "outside" as fast as it can be, while the reader opens it:
     # whatever open_within lets through must be the inside file, every time (a check of the name before
     # opening, or of realpath after, would let the outside file through now and then).
-    from hotswap_core.adapters import open_within
+    from hotswap_core.adapter_files import open_within
     from hotswap_core.errors import AdapterRejected
 
     root = (tmp_path / "watch").resolve()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from hotswap_core.adapters import CONFIG_NAME, WEIGHTS_NAME
+from hotswap_core.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from hotswap_core.config import HubSourceConfig
 from hotswap_core.metrics import HUB_POLL_RESULTS
 from hotswap_core.sources.directory import Candidate
