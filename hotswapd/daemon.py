@@ -23,14 +23,11 @@ from typing import Any, TypeVar
 from hotswap_core.config import Config, apply_reload, load_config, split_host_port, swap_roots
 from hotswap_core.engine import Engine, WarmupStep
 from hotswap_core.errors import ConfigError, HotswapError
-from hotswap_core.history import History, SwapRecord, fingerprint
+from hotswap_core.history import History, SwapRecord
 from hotswap_core.metrics import Metrics
-from hotswap_core.sources.directory import EVENT_KINDS as SOURCE_EVENT_KINDS
-from hotswap_core.sources.directory import Candidate, DirectorySource
-from hotswap_core.sources.hub import EVENT_KINDS as HUB_EVENT_KINDS
-from hotswap_core.sources.hub import HubSource, hub_cache_dir
 from hotswap_core.swap import Swapper
 from hotswapd.events import EventBus
+from hotswapd.feed import Feed
 from hotswapd.metrics_server import MetricsServer
 from hotswapd.server import Server, ServingState
 from hotswapd.systemd import Notifier, listen_socket
@@ -56,7 +53,7 @@ class Daemon:
         self.events = EventBus()
         self.engine: Engine | None = None
         self.swapper: Swapper | None = None
-        self.source: DirectorySource | HubSource | None = None
+        self.feed: Feed | None = None  # the adapter source and what it offers
         self.server: Server | None = None
         self.metrics_url: str | None = None
         self.on_ready: Callable[[Daemon], None] | None = None  # the demo prints its three lines here
@@ -70,7 +67,6 @@ class Daemon:
         self.notifier = Notifier()
         self._socket_passed = False
         self._tcp: socket.socket | None = None  # server.listen_tcp, bound before the model loads
-        self._offered: str | None = None  # the directory source's last offer: its head
 
     # ---- the whole life -----------------------------------------------------------------------
     def run(self) -> int:
@@ -209,16 +205,17 @@ class Daemon:
         engine = self.engine = Engine(self.config)
         self.swapper = Swapper(engine, self.config.validation, self.history)
         self.swapper.listeners.append(self._on_swap)
+        feed = self.feed = Feed(self.config, self.history, self.metrics, self.swapper)
         self.server = Server(
             self.state,
             engine,
             self.swapper,
             self.metrics,
             model_id=_model_id(self.config),
-            describe_source=self.describe_source,
+            describe_source=feed.describe,
             events=self.events,
             swap_roots=lambda: swap_roots(self.config),
-            refresh=self.refresh,
+            refresh=feed.refresh,
             serve_metrics=self.config.metrics.enabled,
         )
         if self._socket_passed:
@@ -237,18 +234,16 @@ class Daemon:
         self.metrics.watch_engine(
             lambda: engine.recompilations, lambda: engine.queue_depth, lambda: engine.kv_cache_usage
         )
-        self.metrics.watch_source_head(self._source_head)
         self.metrics.set_build_info(str(engine.device))
         self.metrics.cpu_threads.set(engine.runner.cpu_threads)
         self.metrics.watch_history(lambda: self.history.persist_failures)
-        if self.config.source.kind == "directory":
-            self.metrics.watch_source("directory", SOURCE_EVENT_KINDS)
+        feed.watch()
         engine.start()
-        if not await self._in_thread(self._choose_first_version):
+        if not await self._in_thread(feed.choose_first_version):
             return
-        if self.config.source.kind == "hub" and not await self._in_thread(self._first_hub_poll):
+        if self.config.source.kind == "hub" and not await self._in_thread(feed.first_hub_poll):
             return
-        self._start_source()
+        feed.start()
         self.state.ready = True
         if self._socket_passed:
             await self.server.start(sock, self._tcp)
@@ -318,8 +313,8 @@ class Daemon:
         self.notifier.stopping()
         self.events.close()
         await self.server.stop_accepting()
-        if self.source is not None:
-            await asyncio.to_thread(self.source.stop)
+        if self.feed is not None:
+            await asyncio.to_thread(self.feed.stop)
         timeout = self.config.server.drain_timeout_s
         if not await self.server.drain(timeout):
             log.warning("drain timeout (%gs): cancelling %d requests", timeout, self.server.inflight)
@@ -327,162 +322,6 @@ class Daemon:
             await asyncio.to_thread(self.engine.stop, 5.0)
         self.history.save()
         log.info("stopped")
-
-    # ---- which version first ------------------------------------------------------------------
-    def _choose_first_version(self) -> None:
-        """The last committed version, unless something newer landed since; else the newest valid
-        candidate; else ``adapter.initial``; else the base model (zero adapter)."""
-        assert self.swapper is not None
-        swapper, history = self.swapper, self.history
-        restored = history.load()
-        last, since = history.live, history.live_since
-        self._startup_since = since
-        candidates = self._directory().complete() if self.config.source.kind == "directory" else []
-        newer = [c for c in candidates if since is None or c.landed_at > since]
-        older = [c for c in candidates if c not in newer]
-
-        def ok(record: SwapRecord) -> bool:
-            return record.result in ("success", "unchanged")
-
-        for c in newer:
-            if ok(swapper.swap(c.path, version=c.version, source="directory", within=c.within)):
-                return
-        if restored and since is not None:
-            if last.is_base:
-                log.info("serving the base model, as before the restart")
-                return
-            if ok(swapper.restore(last)):
-                return
-            log.warning("the last committed version %s cannot be restored; falling back", last.version)
-        for c in older:
-            if ok(swapper.swap(c.path, version=c.version, source="directory", within=c.within)):
-                return
-        initial = self.config.adapter.initial
-        if initial and ok(swapper.swap(initial, source="initial")):
-            return
-        log.info("no adapter to serve: serving the base model (zero adapter)")
-
-    def _first_hub_poll(self) -> None:
-        """Before READY, look at the branch once: a new replica of a fleet (empty state) must not take traffic on
-        the base model or an older version while its cohort serves the branch head. Bounded: each request by
-        the source's timeout; a Hub that does not answer leaves what _choose_first_version picked, and the
-        poll thread keeps trying."""
-        hub = self.config.source.hub
-        log.info("first look at %s@%s before ready", hub.repo_id, hub.revision)
-        self._hub().poll_now()
-
-    # ---- the source -----------------------------------------------------------------------------
-    def _directory(self) -> DirectorySource:
-        if not isinstance(self.source, DirectorySource):
-            self.source = DirectorySource(
-                self.config.source.directory,
-                self._on_candidate,
-                skip=self._skip,
-                on_event=self._on_source_event,
-                on_refused=self._on_refused,
-                on_superseded=self._on_superseded,
-            )
-        return self.source
-
-    def _start_source(self) -> None:
-        kind = self.config.source.kind
-        if kind == "directory":
-            self._directory().start()
-            log.info("watching %s", self.config.source.directory.path)
-        elif kind == "hub":
-            hub = self.config.source.hub
-            self._hub().start()
-            log.info("watching %s at %s on %s", hub.repo_id, hub.revision, hub.endpoint or "the Hugging Face Hub")
-
-    def _hub(self) -> HubSource:
-        if not isinstance(self.source, HubSource):
-            self.source = HubSource(
-                self.config.source.hub,
-                hub_cache_dir(self.config.state_dir),
-                self._on_candidate,
-                skip=self._skip,
-                on_event=self._on_source_event,
-                on_poll=lambda result: self.metrics.hub_polls.labels(result).inc(),
-                keep=lambda: [v.version for v in list(self.history.chain)],  # the rest of the cache is deleted
-            )
-            self.metrics.watch_source("hub", HUB_EVENT_KINDS)
-        return self.source
-
-    def refresh(self) -> dict[str, Any]:
-        """``POST /v1/adapters/refresh``: the source looks now, on the caller's thread (a version it finds is
-        swapped in by that look). What it found, for the answer."""
-        if isinstance(self.source, HubSource):
-            offered = self.source.poll_now()
-            status = self.source.status()
-            return {"source": "hub", "result": status["last_result"], "error": status["last_error"],
-                    "sha": status["last_sha"], "offered": offered.version if offered else None}  # fmt: skip
-        if isinstance(self.source, DirectorySource):
-            offered = self.source.rescan()
-            return {"source": "directory", "result": "looked", "offered": offered.version if offered else None}
-        return {"source": self.config.source.kind, "result": "no_source", "offered": None}
-
-    def _source_head(self) -> tuple[str, str] | None:
-        """(version, state) for hotswapd_source_head_info: where the source points, and whether that is live here."""
-        if isinstance(self.source, HubSource):
-            sha = self.source.status()["head_sha"]
-            head = f"{self.config.source.hub.repo_id}@{sha}" if sha else None
-        else:
-            head = self._offered
-        if head is None or self.swapper is None:
-            return None
-        if head == self.swapper.live.version:
-            return head, "live"
-        if head in self.history.rolled_back_versions:
-            return head, "rolled_back"
-        tried = next((r for r in self.history.recent(50) if r.version == head and r.result != "unchanged"), None)
-        return head, "rejected" if tried is not None and tried.result in ("rejected", "failed") else "pending"
-
-    def _skip(self, c: Candidate) -> bool:
-        if self.history.is_rejected(str(c.path), c.fingerprint):
-            return True
-        if self.config.source.kind == "hub":
-            # Restarted, the Hub source offers the branch head again: not if the operator rolled back from it.
-            return c.version in self.history.rolled_back_versions
-        # At start-up, what landed before the restored version was committed is not newer.
-        return self._startup_since is not None and c.landed_at <= self._startup_since
-
-    def _on_candidate(self, c: Candidate) -> None:
-        assert self.swapper is not None
-        self._offered = c.version
-        # within: the directory source's watched folder, kept to as each file is read (None for the Hub).
-        self.swapper.swap(c.path, version=c.version, source=self.config.source.kind, seen_at=c.seen_at, within=c.within)
-
-    def _on_refused(self, refusal: tuple[str, str, str]) -> None:
-        """The source refused an entry before any swap (a symlink escaping the watched folder)."""
-        path, reason, message = refusal
-        self.history.reject(path, fingerprint(path), reason, message)
-        self.metrics.validation_failures.labels(reason).inc()
-        self.metrics.swaps.labels("rejected").inc()
-
-    def _on_superseded(self, passed: list[Candidate], winner: Candidate) -> None:
-        """The directory source passed these over for ``winner`` in one look: listed, not a swap or a rejection."""
-        self.history.supersede([(str(c.path), c.version) for c in passed], by=winner.version)
-
-    def _on_source_event(self, kind: str) -> None:
-        self.metrics.source_events.labels(self.config.source.kind, kind).inc()
-
-    def describe_source(self) -> dict[str, Any]:
-        kind = self.config.source.kind
-        if isinstance(self.source, HubSource):
-            return {"kind": kind, **self.source.status()}
-        if kind != "directory":
-            return {"kind": kind}
-        d = self.config.source.directory
-        return {
-            "kind": kind,
-            "path": d.path,
-            "present": Path(d.path).is_dir(),
-            "settle_seconds": d.settle_seconds,
-            "rescan_seconds": d.rescan_seconds,
-            "polling": d.polling,
-            "marker": d.marker,
-            "follow_symlinks": d.follow_symlinks,
-        }
 
     def _on_swap(self, result: str, record: SwapRecord) -> None:
         self.events.publish(result, record)
@@ -521,16 +360,11 @@ class Daemon:
         self.config, refused = apply_reload(old, new)
         for what in refused:
             log.warning("reload: not applying %s (needs a restart)", what)
-        server = self.config.server
-        source = self.config.source
-        self.state.config = server
+        self.state.config = self.config.server
         if self.swapper is not None:
             self.swapper.validation = self.config.validation
-        if isinstance(self.source, DirectorySource):
-            self.source.update_config(source.directory)
-            await asyncio.to_thread(self.source.rescan)
-        elif isinstance(self.source, HubSource):
-            self.source.update_config(source.hub)  # polls at once when anything but poll_seconds changed
+        if self.feed is not None:
+            await asyncio.to_thread(self.feed.reload, self.config)
         changed = [k for k in ("source", "validation", "server") if getattr(self.config, k) != getattr(old, k)]
         log.info("reloaded: %s", ", ".join(changed) if changed else "nothing changed")
 
