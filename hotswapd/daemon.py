@@ -29,7 +29,8 @@ from hotswap_core.swap import Swapper
 from hotswapd.events import EventBus
 from hotswapd.feed import Feed
 from hotswapd.metrics_server import MetricsServer
-from hotswapd.server import Server, ServingState
+from hotswapd.server import Server
+from hotswapd.state import ServingState
 from hotswapd.systemd import Notifier, listen_socket
 from hotswapd.unix_socket import bind_unix_socket
 
@@ -229,7 +230,7 @@ class Daemon:
         if not await self._in_thread(self._load_and_warm):
             return
         # The name clients pass as "model": one the base declares itself, else its folder or Hub id.
-        self.server.model_id = getattr(engine.model_config, "hotswapd_base_id", None) or self.server.model_id
+        self.state.model_id = getattr(engine.model_config, "hotswapd_base_id", None) or self.state.model_id
         engine.on_batch = self.metrics.batch_size.observe
         self.metrics.watch_engine(
             lambda: engine.recompilations, lambda: engine.queue_depth, lambda: engine.kv_cache_usage

@@ -1,0 +1,200 @@
+"""The OpenAI-compatible completion endpoints: ``/v1/completions`` and ``/v1/chat/completions``.
+
+A request is parsed, chat-templated and tokenised on a small thread pool (never on the event loop), submitted
+to the engine as one group (its prompts start together, so on one adapter version), and answered whole or
+streamed as server-sent events. Generation runs on the engine's worker thread; its starts, text deltas and
+results come back through ``call_soon_threadsafe`` in order. A client that disconnects cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aiohttp import web
+
+from hotswap_core.engine import Engine, EngineBusy, EngineStopped
+from hotswap_core.generation import GenerationRequest, GenerationResult
+from hotswap_core.metrics import Metrics
+from hotswap_core.slots import AdapterVersion
+from hotswapd import protocol
+from hotswapd.protocol import ApiError, Call
+from hotswapd.state import ServingState
+
+log = logging.getLogger("hotswapd.server")
+
+_PARSE_THREADS = 2  # request parsing and tokenisation; a request waits its turn in this pool's queue
+
+
+class Completions:
+    """The completion handlers, and the count of requests in flight (what a drain waits for)."""
+
+    def __init__(self, state: ServingState, engine: Engine, metrics: Metrics) -> None:
+        self.state, self.engine, self.metrics = state, engine, metrics
+        self.inflight = 0
+        self._parsers = ThreadPoolExecutor(_PARSE_THREADS, thread_name_prefix="hotswapd-tokenize")
+
+    def close(self) -> None:
+        self._parsers.shutdown(wait=False, cancel_futures=True)
+
+    async def complete(self, request: web.Request) -> web.StreamResponse:
+        self._require_ready()
+        raw = await request.read()
+
+        def parse() -> protocol.Call:
+            body = protocol.parse_json(raw)
+            return protocol.parse_completion(
+                body,
+                self._tokenize,
+                self.engine.max_seq_len,
+                self.engine.max_batch_size,
+                self.engine.sampling_defaults,
+                self.engine.vocab_size,
+            )
+
+        call = await self._off_loop(parse)
+        return await self._serve(request, call, chat=False, prefix="cmpl")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self._require_ready()
+        if not getattr(self.engine.tokenizer, "chat_template", None):
+            raise ApiError(
+                404, "this model's tokenizer has no chat template; use /v1/completions", code="no_chat_template"
+            )
+        raw = await request.read()
+
+        def parse() -> protocol.Call:
+            body = protocol.parse_json(raw)
+            return protocol.parse_chat(
+                body, self._render_chat, self._tokenize, self.engine.max_seq_len, self.engine.sampling_defaults
+            )
+
+        call = await self._off_loop(parse)
+        return await self._serve(request, call, chat=True, prefix="chatcmpl")
+
+    async def _off_loop(self, parse: Callable[[], protocol.Call]) -> protocol.Call:
+        """JSON parsing, chat templating and tokenisation on the request threads, never on the event loop (a
+        4 MB prompt takes milliseconds to tokenise; every other connection would wait that long)."""
+        return await asyncio.get_running_loop().run_in_executor(self._parsers, parse)
+
+    def _require_ready(self) -> None:
+        # While draining, a request on a connection accepted before the stop is still served (the drain
+        # waits for it, bounded by server.drain_timeout_s): under socket activation its client cannot
+        # know the connection was not left in systemd's backlog for the next process. Only once the
+        # engine has stopped is it refused (EngineStopped -> 503 draining).
+        if not self.state.ready:
+            raise ApiError(503, "the model is still loading", code="starting", headers={"Retry-After": "5"})
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> str:
+        try:
+            return str(self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        except Exception as exc:  # jinja raises anything (TemplateError, exceptions raised by the template)
+            raise protocol.bad(f"the chat template cannot render these messages: {exc}", "messages") from exc
+
+    async def _serve(self, request: web.Request, call: Call, *, chat: bool, prefix: str) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        # One ordered queue of ("start", i, version), ("text", i, delta) and ("done", i, future) from
+        # the worker thread: call_soon_threadsafe keeps their order, so a row's text precedes its done.
+        events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
+
+        def post(kind: str, index: int, value: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, index, value))
+
+        reqs = [
+            GenerationRequest(
+                ids,
+                call.params,
+                on_text=functools.partial(post, "text", i) if call.stream else None,
+                on_start=functools.partial(post, "start", 0) if i == 0 else None,
+            )
+            for i, ids in enumerate(call.prompts)
+        ]
+        try:
+            futures = self.engine.submit_group(reqs)
+        except EngineBusy as exc:
+            raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
+        except EngineStopped as exc:
+            raise ApiError(503, str(exc), code="draining", headers={"Retry-After": "1"}) from exc
+        for i, fut in enumerate(futures):
+            fut.add_done_callback(functools.partial(post, "done", i))
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        rid = protocol.new_id(prefix)
+        try:
+            async with asyncio.timeout(self.state.config.request_timeout_s):
+                if call.stream:
+                    return await self._stream(request, rid, call, chat, events)
+                results = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+                self._observe(results)
+                body = protocol.completion_body(rid, self.state.model_id, results, chat)
+                return web.json_response(
+                    body, headers={"X-Hotswapd-Adapter": protocol.adapter_header(results[0].adapter)}
+                )
+        except TimeoutError as exc:
+            raise ApiError(504, f"generation took longer than server.request_timeout_s "
+                                f"({self.state.config.request_timeout_s:g} s)", code="timeout") from exc  # fmt: skip
+        except ValueError as exc:  # a prompt the engine refused (length): the client's problem
+            raise protocol.bad(str(exc), "prompt") from exc
+        finally:
+            for r in reqs:
+                r.cancelled.set()  # no-op when finished; stops generation when the client went away
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def _stream(
+        self, request: web.Request, rid: str, call: Call, chat: bool, events: asyncio.Queue[tuple[str, int, Any]]
+    ) -> web.StreamResponse:
+        # Headers wait for the batch to start: only then is the adapter version known (and fixed).
+        kind, _, value = await events.get()
+        if kind != "start":
+            value.result()  # a request the engine refused raises here, before any byte is sent
+            raise ApiError(500, "generation ended before it started", code="internal_error")
+        adapter: AdapterVersion = value
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Hotswapd-Adapter": protocol.adapter_header(adapter),
+            }
+        )
+        await response.prepare(request)
+
+        async def send(index: int, text: str | None, finish: str | None = None, first: bool = False) -> None:
+            chunk = protocol.chunk(rid, self.state.model_id, adapter, chat, index, text, finish, first=first)
+            await response.write(protocol.sse(chunk))
+
+        if chat:
+            for i in range(len(call.prompts)):
+                await send(i, "", first=True)
+        results: dict[int, GenerationResult] = {}
+        while len(results) < len(call.prompts):
+            kind, i, value = await events.get()
+            if kind == "text":
+                await send(i, value)
+            elif kind == "done":
+                try:
+                    results[i] = value.result()
+                except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+                    log.warning("streamed generation failed: %s", exc)
+                    await response.write(protocol.sse(ApiError(500, f"generation failed: {exc}").body()))
+                    return response
+                await send(i, None, protocol.finish_reason(results[i]))
+        ordered = [results[i] for i in sorted(results)]
+        self._observe(ordered)
+        if call.include_usage:
+            await response.write(protocol.sse(protocol.usage_chunk(rid, self.state.model_id, chat, ordered)))
+        await response.write(protocol.sse("[DONE]"))
+        await response.write_eof()
+        return response
+
+    def _observe(self, results: list[GenerationResult]) -> None:
+        for r in results:
+            self.metrics.generated_tokens.inc(r.completion_tokens)
+            self.metrics.ttft.observe(r.time_to_first_token_s)
