@@ -53,6 +53,23 @@ def resolve_mode(name: str, device: torch.device) -> str:
     return name if device.type == "cuda" else _NO_GRAPHS.get(name, name)
 
 
+def use_compile_cache(path: str) -> str:
+    """Point inductor's caches (FX graph, AOTAutograd, kernels) at ``compile.cache_dir``; the directory used.
+
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it needs its cache, but importing ``torch._dynamo``
+    already writes torch's default (``$TMPDIR/torchinductor_<user>``) there when it is unset, so setting it only
+    when absent never took: the key was ignored and every compile went to the temporary directory (under systemd's
+    ``PrivateTmp``, gone at every restart). A value the environment gave (the systemd units set one) still wins.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or current == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = current = os.path.abspath(path)
+    os.makedirs(current, exist_ok=True)
+    return current
+
+
 def without_graphs(mode: str) -> str:
     """The same optimisation without CUDA graphs (for forwards whose shapes change: prefill, PEFT's own)."""
     return _NO_GRAPHS.get(mode, mode)
@@ -70,6 +87,7 @@ class ModelRunner:
         self.max_seq_len = config.model.max_seq_len
         self.buckets = buckets_for(self.max_batch_size)  # decode batch sizes, a graph each
         self.sampling_defaults: dict[str, float | int] = {}  # from generation_config.json, set by load()
+        self.compile_cache_dir: str | None = None  # where inductor's caches are (compile.cache_dir, or the env's)
 
     def load(self) -> None:
         """Model, tokenizer, layout, slots and KV cache on the device; prefill and decode compiled (lazily: the
@@ -135,9 +153,7 @@ class ModelRunner:
         if not c.enabled:
             return self._prefill_forward, self._decode_forward
         if c.cache_dir:
-            os.makedirs(c.cache_dir, exist_ok=True)
-            # Read by inductor when it first needs its cache dir; the FX graph cache makes warm starts fast.
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", c.cache_dir)
+            self.compile_cache_dir = use_compile_cache(c.cache_dir)
         self.configure_dynamo()
         log.info(
             "compiling decode with mode %r (one graph per batch size %s), prefill with %r",
