@@ -53,8 +53,8 @@ def resolve_mode(name: str, device: torch.device) -> str:
     return name if device.type == "cuda" else _NO_GRAPHS.get(name, name)
 
 
-def use_compile_cache(path: str) -> str:
-    """Point inductor's caches (FX graph, AOTAutograd, kernels) at ``compile.cache_dir``; the directory used.
+def use_compile_cache(path: str) -> None:
+    """Point inductor's caches (FX graph, AOTAutograd, kernels) at ``compile.cache_dir``.
 
     Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it needs its cache, but importing ``torch._dynamo``
     already writes torch's default (``$TMPDIR/torchinductor_<user>``) there when it is unset, so setting it only
@@ -67,7 +67,6 @@ def use_compile_cache(path: str) -> str:
     if current is None or current == default_cache_dir():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = current = os.path.abspath(path)
     os.makedirs(current, exist_ok=True)
-    return current
 
 
 def without_graphs(mode: str) -> str:
@@ -87,7 +86,6 @@ class ModelRunner:
         self.max_seq_len = config.model.max_seq_len
         self.buckets = buckets_for(self.max_batch_size)  # decode batch sizes, a graph each
         self.sampling_defaults: dict[str, float | int] = {}  # from generation_config.json, set by load()
-        self.compile_cache_dir: str | None = None  # where inductor's caches are (compile.cache_dir, or the env's)
 
     def load(self) -> None:
         """Model, tokenizer, layout, slots and KV cache on the device; prefill and decode compiled (lazily: the
@@ -153,7 +151,7 @@ class ModelRunner:
         if not c.enabled:
             return self._prefill_forward, self._decode_forward
         if c.cache_dir:
-            self.compile_cache_dir = use_compile_cache(c.cache_dir)
+            use_compile_cache(c.cache_dir)
         self.configure_dynamo()
         log.info(
             "compiling decode with mode %r (one graph per batch size %s), prefill with %r",

@@ -281,7 +281,7 @@ class Daemon:
         self.notifier.status(f"loading {self.config.model.path}")
         log.info("loading %s", self.config.model.path)
         self.engine.load()
-        cache = self.engine.runner.compile_cache_dir or os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # the one inductor uses (compile.cache_dir, set by load)
         if self.config.model.compile.enabled:
             warm = cache is not None and _has_files(Path(cache))
             log.info(
