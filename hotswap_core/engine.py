@@ -29,11 +29,13 @@ from hotswap_core.config import Config
 from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams
 from hotswap_core.runner import ModelRunner, resolve_device, resolve_dtype, resolve_mode
-from hotswap_core.sampling import sample
+from hotswap_core.sampling import sample, uniforms
 from hotswap_core.scheduler import Group, Row, RowTable
 
 log = logging.getLogger("hotswapd.engine")
 T = TypeVar("T")
+# A forward over rows with their draws this step: (logits [len(rows), V], the tokens drawn in the forward).
+StepForward = Callable[[list[Row], list[float]], tuple[torch.Tensor, list[int]]]
 
 __all__ = ["Engine", "EngineBusy", "EngineStopped", "WarmupStep", "resolve_device", "resolve_dtype", "resolve_mode"]
 
@@ -299,12 +301,12 @@ class Engine:
         if self.table.active:
             self._run(self.table.active, self._decode)
 
-    def _decode(self, rows: list[Row]) -> torch.Tensor:
-        logits = self.runner.decode(rows, self.table.bucket_rows(self.buckets))  # [len(rows), V]
+    def _decode(self, rows: list[Row], numbers: list[float]) -> tuple[torch.Tensor, list[int]]:
+        out = self.runner.decode(rows, self.table.bucket_rows(self.buckets), numbers)  # [len(rows), V], tokens
         self.steps += 1
         if self.on_batch is not None:
             self.on_batch(len(rows))
-        return logits
+        return out
 
     def _admit(self, group: Group) -> list[Row]:
         """Rows for the requests of ``group``, all pinned to one slot: the group's, or the live one now."""
@@ -331,11 +333,12 @@ class Engine:
                     req.cancelled.set()
         return group.rows
 
-    def _run(self, rows: list[Row], forward: Callable[[list[Row]], torch.Tensor]) -> None:
-        """One forward over ``rows``, then sample, push and retire; a failure fails those rows alone."""
+    def _run(self, rows: list[Row], forward: StepForward) -> None:
+        """One forward over ``rows`` (sampling inside it), then push and retire; a failure fails those rows alone."""
         try:
-            logits = forward(rows)  # [len(rows), V]
-            self._sample(rows, logits)
+            numbers = uniforms([r.state for r in rows])  # each row's draw this step, taken once
+            logits, drawn = forward(rows, numbers)  # [len(rows), V], the tokens drawn in the forward
+            self._sample(rows, logits, numbers, drawn)
         except Exception as exc:
             log.exception("a step over %d rows failed", len(rows))
             for row in rows:
@@ -346,7 +349,7 @@ class Engine:
                     row.state.request.future.set_exception(EngineError(f"generation failed: {exc}"))
         self.last_loop_at = time.monotonic()  # a long generation is still a turning worker
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
+    def _sample(self, rows: list[Row], logits: torch.Tensor, numbers: list[float], drawn: list[int]) -> None:
         if any(r.check_finite for r in rows):
             finite = torch.isfinite(logits).all(dim=-1).tolist()
             for row, ok in zip(rows, finite, strict=True):
@@ -354,7 +357,7 @@ class Engine:
         for i, row in enumerate(rows):
             if row.capture and row.logits is None:
                 row.logits = logits[i].float().cpu()
-        for row, token in zip(rows, sample(logits, [r.state for r in rows]), strict=True):
+        for row, token in zip(rows, sample(logits, [r.state for r in rows], numbers, drawn), strict=True):
             row.state.push(token)
             if row.state.done:
                 self._retire(row)

@@ -19,7 +19,7 @@ from hotswap_core.config import Config
 from hotswap_core.errors import EngineError
 from hotswap_core.kv_cache import KVCache, StepView, decode_view
 from hotswap_core.layout import Layout, base_identities, layout_from_model
-from hotswap_core.sampling import sampling_defaults
+from hotswap_core.sampling import draw, draw_inputs, sampling_defaults
 from hotswap_core.scheduler import Row, buckets_for
 from hotswap_core.slots import SlotBank
 
@@ -72,6 +72,10 @@ def use_compile_cache(path: str) -> None:
 def without_graphs(mode: str) -> str:
     """The same optimisation without CUDA graphs (for forwards whose shapes change: prefill, PEFT's own)."""
     return _NO_GRAPHS.get(mode, mode)
+
+
+# A compiled forward: (logits [B, V], the tokens sampling.draw chose [B]).
+Forward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 class ModelRunner:
@@ -146,7 +150,7 @@ class ModelRunner:
         )
         self._prefill_fn, self._decode_fn = self._compile()
 
-    def _compile(self) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    def _compile(self) -> tuple[Forward, Forward]:
         c = self.config.model.compile
         if not c.enabled:
             return self._prefill_forward, self._decode_forward
@@ -184,23 +188,30 @@ class ModelRunner:
 
     # ---- the two forwards (what gets compiled) ------------------------------------------------
     def _prefill_forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor
-    ) -> torch.Tensor:
-        """Prompts ``ids`` [B, L] (right-padded) into cache ``rows`` [B]; next-token logits [B, V] at ``last``."""
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor, draws: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts ``ids`` [B, L] (right-padded) into cache ``rows`` [B]; next-token logits [B, V] at ``last``,
+        and each row's next token [B] (``sampling.draw`` with ``draws`` [B, 2])."""
         view = StepView(self.cache, rows, positions)
         hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
         h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]  # [B, H]
-        return self._head(h)
+        logits = self._head(h)
+        return logits, draw(logits, draws)
 
-    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token per cache row ``0 .. n-1``: ``ids`` and ``positions`` [n, 1]; logits [n, V]."""
+    def _decode_forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, draws: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per cache row ``0 .. n-1``: ``ids`` and ``positions`` [n, 1]; logits [n, V] and the next
+        tokens [n] (``sampling.draw`` with ``draws`` [n, 2])."""
         view = decode_view(self.cache, positions)
         hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
-        return self._head(hidden.last_hidden_state[:, -1])
+        logits = self._head(hidden.last_hidden_state[:, -1])
+        return logits, draw(logits, draws)
 
     # ---- one forward over rows ------------------------------------------------------------------------
-    def prefill(self, rows: list[Row]) -> torch.Tensor:
-        """The prompts of newly admitted ``rows`` into their cache rows; next-token logits [len(rows), V]."""
+    def prefill(self, rows: list[Row], numbers: list[float]) -> tuple[torch.Tensor, list[int]]:
+        """The prompts of newly admitted ``rows`` into their cache rows, with this step's ``numbers``
+        (``sampling.uniforms``): next-token logits [len(rows), V] and the tokens drawn in the forward."""
         # At least 2 positions: dynamo specialises size-1 dims, and a 1-token prefill would be one more graph.
         bsz, length = len(rows), max(2, *(len(r.state.prompt_ids) for r in rows))
         ids = torch.full((bsz, length), self.pad_id, dtype=torch.long)
@@ -209,25 +220,34 @@ class ModelRunner:
         positions = torch.arange(length).repeat(bsz, 1)
         index = torch.tensor([r.index for r in rows])
         last = torch.tensor([len(r.state.prompt_ids) - 1 for r in rows])
+        draws = draw_inputs([r.state for r in rows], numbers, bsz, range(bsz)).to(self.device)
+        # Its width (2) is a constant: symbolic, it would be duck-sized with a batch of 2 and recompile at 3.
+        torch._dynamo.mark_static(draws, 1)
         self.slots.assign([r.slot for r in rows])
         dev = self.device
-        return self._prefill_fn(ids.to(dev), positions.to(dev), index.to(dev), last.to(dev))
+        logits, tokens = self._prefill_fn(ids.to(dev), positions.to(dev), index.to(dev), last.to(dev), draws)
+        return logits, tokens.tolist()
 
-    def decode(self, rows: list[Row], n: int) -> torch.Tensor:
-        """One token for each of ``rows``, over cache rows ``0 .. n-1`` (``n`` a decode bucket); logits
-        [len(rows), V] in the order of ``rows``."""
+    def decode(self, rows: list[Row], n: int, numbers: list[float]) -> tuple[torch.Tensor, list[int]]:
+        """One token for each of ``rows``, over cache rows ``0 .. n-1`` (``n`` a decode bucket), with this step's
+        ``numbers`` (``sampling.uniforms``): logits [len(rows), V] and the tokens drawn in the forward, in the
+        order of ``rows``."""
         ids, positions, slots = [self.pad_id] * n, [0] * n, [0] * n  # rows nobody holds: position 0, discarded
         for r in rows:
             ids[r.index], positions[r.index], slots[r.index] = r.state.ids[-1], r.position, r.slot
+        draws = draw_inputs([r.state for r in rows], numbers, n, [r.index for r in rows])
         self.slots.assign(slots)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        logits = self._decode_fn(
-            torch.tensor(ids, device=self.device)[:, None], torch.tensor(positions, device=self.device)[:, None]
-        )  # [n, V]
+        dev = self.device
+        logits, drawn = self._decode_fn(
+            torch.tensor(ids, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None], draws.to(dev)
+        )  # [n, V], [n]
+        every = drawn.tolist()  # the step's one device -> host transfer
+        tokens = [every[r.index] for r in rows]
         if len(rows) == n:
-            return logits
-        return logits.index_select(0, torch.tensor([r.index for r in rows], device=self.device))
+            return logits, tokens
+        return logits.index_select(0, torch.tensor([r.index for r in rows], device=dev)), tokens
 
 
 def _check_attention(config: Any) -> None:

@@ -8,6 +8,13 @@ same tokens whatever else shares its batch: no other row's draws, count or order
 row per step, where a race of noise (Gumbel-max) draws a vocabulary's worth (at 152k entries that was 2 ms a row
 on a CPU); the step's numbers go to the device in one copy that does not wait for it (a generator per row on
 the device was a kernel per row), and the rest is the same few tensor operations for every row.
+
+Where the draw runs: ``draw`` (argmax or inverse transform, at each row's temperature) is traced into the
+runner's compiled forwards, so a step returns its tokens and sampling adds no operation of its own on the
+serving thread (in eager it was a dozen, each giving the GIL away; on the demo model that made temperature 1
+cost about 7% of greedy's tokens/s over the socket, against 1% inside the step). Rows that filter (top-k,
+top-p) or mask EOS (``min_tokens``) are drawn after the step from its logits (``sample``); a row always takes
+the same path for the same parameters and position, so seeded rows stay reproducible.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ MIN_TEMPERATURE = 1e-5
 # The largest uniform a draw uses, exact in float32: u * total then stays below the total after rounding, so the
 # search always lands on an entry with mass (the last 2**-20 of it is never drawn).
 UNIFORM_CEILING = 1.0 - 2.0**-20
+# A row's number for a step where it takes the argmax (temperature 0).
+GREEDY = -1.0
 
 
 class Row(Protocol):
@@ -44,37 +53,92 @@ class Row(Protocol):
     def uniform(self) -> float: ...
 
 
-def sample(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
-    """The next token of every row. ``logits``: [B, V], any device and dtype."""
+def uniforms(rows: Sequence[Row]) -> list[float]:
+    """This step's number of every row: the next of its own stream where it draws, ``GREEDY`` where it takes the
+    argmax. Taken once per row per step, before the forward (``draw`` runs inside it)."""
+    return [r.uniform() if r.temperature >= MIN_TEMPERATURE else GREEDY for r in rows]
+
+
+def draw_inputs(rows: Sequence[Row], numbers: Sequence[float], size: int, index: Sequence[int]) -> torch.Tensor:
+    """``draw``'s inputs for a forward of ``size`` rows, ``rows[i]`` at ``index[i]``: [size, 2] float32, each
+    row's uniform and its 1 / temperature (``GREEDY`` and 1 for the rows nobody holds). One tensor: one copy."""
+    out = [[GREEDY, 1.0] for _ in range(size)]
+    for at, row, u in zip(index, rows, numbers, strict=True):
+        if u >= 0:
+            out[at] = [u, 1.0 / row.temperature]
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def draw(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The next token of every row [B] from its logits [B, V] and ``draw_inputs`` [B, 2]: the argmax where the
+    uniform is ``GREEDY``, else the inverse transform of ``softmax(logits / T)``. Only tensor operations, no
+    data-dependent control flow: the runner traces it into the compiled forwards, so a step's sampling is part
+    of the step's graph (a CUDA graph on CUDA) and costs the serving thread no operation of its own."""
+    uniform, scale = inputs[:, 0], inputs[:, 1]
+    drawn = _inverse_cdf(logits.float() * scale[:, None], uniform)
+    return torch.where(uniform < 0, logits.argmax(dim=-1), drawn)
+
+
+def sample(
+    logits: torch.Tensor,
+    rows: Sequence[Row],
+    numbers: Sequence[float] | None = None,
+    drawn: Sequence[int] | None = None,
+) -> list[int]:
+    """The next token of every row. ``logits``: [B, V], any device and dtype. ``numbers``: this step's
+    ``uniforms(rows)`` (taken here when None). ``drawn``: what ``draw`` chose in the forward, kept for every
+    row that neither filters (top-k, top-p) nor must not end yet (``min_tokens``); those are drawn here."""
+    if numbers is None:
+        numbers = uniforms(rows)
+    vocab = logits.shape[-1]
+    special = [i for i, (r, u) in enumerate(zip(rows, numbers, strict=True)) if _filters(r, u, vocab)]
+    if drawn is None:
+        plain = draw(logits, draw_inputs(rows, numbers, len(rows), range(len(rows))).to(logits.device))
+        drawn = plain.tolist()  # the one transfer to the host when nothing is special
+    if not special:
+        return list(drawn)
+    tokens = list(drawn)
+    index = torch.tensor(special, device=logits.device)
+    chosen = _filtered(logits.index_select(0, index), [rows[i] for i in special], [numbers[i] for i in special])
+    for i, token in zip(special, chosen.tolist(), strict=True):
+        tokens[i] = token
+    return tokens
+
+
+def _filters(row: Row, number: float, vocab: int) -> bool:
+    """Whether ``row`` is drawn outside the forward this step: EOS is still masked for it, or it draws with a
+    top-k or top-p bound (the argmax is the same with or without those)."""
+    if row.eos_ids and len(row.ids) < row.min_tokens:
+        return True
+    return number >= 0 and (0 < row.top_k < vocab or row.top_p < 1.0)
+
+
+def _filtered(logits: torch.Tensor, rows: Sequence[Row], numbers: Sequence[float]) -> torch.Tensor:
+    """The next token [R] of rows that mask EOS or filter: greedy rows take the masked argmax, the others draw
+    from what their top-k and top-p leave (the same inverse transform as ``draw``, over the candidates)."""
     logits = _mask_early_eos(logits, rows)
     device = logits.device
-    drawn = [i for i, r in enumerate(rows) if r.temperature >= MIN_TEMPERATURE]
-    if not drawn:
-        return logits.argmax(dim=-1).tolist()  # type: ignore[no-any-return]  # the one transfer to the host
-    every = len(drawn) == len(rows)
-    index = None if every else torch.tensor(drawn, device=device)
-    scaled = (logits if index is None else logits.index_select(0, index)).float()  # [R, V]
-    temperature = [rows[i].temperature for i in drawn]
-    if any(t != 1.0 for t in temperature):
-        scaled = scaled / torch.tensor(temperature, device=device)[:, None]
-    values, order = _top_k_top_p(scaled, [rows[i].top_k for i in drawn], [rows[i].top_p for i in drawn])
-    uniform = torch.tensor([rows[i].uniform() for i in drawn], dtype=torch.float32)  # [R]: each row's own stream
-    uniform = uniform.to(device, non_blocking=True)  # pageable: staged at once, the device not waited for
-    choice = _inverse_cdf(values, uniform)  # [R], into values
-    tokens = choice if order is None else order.gather(1, choice[:, None])[:, 0]
-    if index is not None:
-        tokens = logits.argmax(dim=-1).index_copy(0, index, tokens)
-    return tokens.tolist()  # type: ignore[no-any-return]  # the one transfer to the host
+    scale = torch.tensor([1.0 / r.temperature if u >= 0 else 1.0 for r, u in zip(rows, numbers, strict=True)])
+    scaled = logits.float() * scale.to(device)[:, None]
+    drawing = [u >= 0 for u in numbers]
+    values, order = _top_k_top_p(
+        scaled, [r.top_k if d else 0 for r, d in zip(rows, drawing, strict=True)],
+        [r.top_p if d else 1.0 for r, d in zip(rows, drawing, strict=True)],
+    )  # fmt: skip
+    uniform = torch.tensor(list(numbers), dtype=torch.float32).to(device, non_blocking=True)
+    choice = torch.where(uniform < 0, values.argmax(dim=-1), _inverse_cdf(values, uniform))  # [R], into values
+    return choice if order is None else order.gather(1, choice[:, None])[:, 0]
 
 
 def _inverse_cdf(values: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """For each row of ``values`` [R, W] (logits, -inf for what is filtered out), the first index whose
     cumulative softmax mass passes ``uniform`` [R] (at most ``UNIFORM_CEILING``) times the row's total. A
     filtered entry (probability 0) is never chosen: its cumulative mass equals the one before it, and the
-    target stays below the total."""
-    cdf = torch.softmax(values, dim=-1).cumsum(dim=-1)  # float32 (on the CPU, summed in float64)
+    target stays below the total. Counting the entries at or below the target is ``searchsorted(right=True)``
+    in operations a compiler fuses."""
+    cdf = torch.softmax(values, dim=-1).cumsum(dim=-1)
     target = uniform.clamp(max=UNIFORM_CEILING)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+    return (cdf <= target).sum(dim=-1).clamp(max=values.shape[-1] - 1)
 
 
 def _mask_early_eos(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:

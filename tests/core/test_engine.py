@@ -116,20 +116,47 @@ def test_sampling_is_seeded_and_bounded(engine: Any) -> None:
     assert len(draws) > 1, draws
 
 
-def test_a_seeded_request_draws_the_same_text_whatever_shares_its_batch(engine: Any) -> None:
-    """Each row samples from its own seeded stream: alone, or among greedy rows, other seeds and other lengths."""
-    params = SamplingParams(max_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=11)
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=11),  # drawn after the forward
+        SamplingParams(max_tokens=24, temperature=0.8, seed=11),  # drawn inside the compiled forward
+    ],
+    ids=["filtered", "in_the_forward"],
+)
+def test_a_seeded_request_draws_the_same_text_whatever_shares_its_batch(engine: Any, params: SamplingParams) -> None:
+    """Each row samples from its own seeded stream: alone, or among greedy rows, other seeds and other lengths
+    (other decode buckets, so other compiled graphs), with or without top-k / top-p."""
     alone = engine.generate(["Hello =>"], params)[0].token_ids
+    assert engine.generate(["Hello =>"], params)[0].token_ids == alone
     for company in (
         [("abc", SamplingParams(max_tokens=30))],
         [("x" * 40, SamplingParams(max_tokens=5, temperature=1.0, seed=1)), ("q", SamplingParams(max_tokens=40))],
-        [("Zürich =>", SamplingParams(max_tokens=24, temperature=0.7, seed=11))] * 5,
+        [("Zürich =>", SamplingParams(max_tokens=24, temperature=0.7, seed=11, top_k=3))] * 5,
     ):
         mixed = [GenerationRequest(p, sp) for p, sp in company]
         at = len(mixed) // 2
         mixed.insert(at, GenerationRequest("Hello =>", params))
         results = [f.result(60) for f in engine.submit_group(mixed)]
         assert results[at].token_ids == alone, company
+
+
+def test_the_draw_inside_the_compiled_step_is_the_draw_outside_it(engine: Any) -> None:
+    """The token a drawing row gets from the compiled prefill (``sampling.draw`` traced into it) is the one
+    ``sample`` picks eagerly from the same logits with the same seeded stream, at any temperature."""
+    from hotswap_core.sampling import sample
+    from hotswap_core.scheduler import Group
+
+    off_argmax = 0  # draws that are not the argmax: the inverse transform was exercised, not only greedy
+    for seed in range(24):
+        params = SamplingParams(max_tokens=1, temperature=(0.6, 1.0, 1.8)[seed % 3], seed=seed)
+        request = GenerationRequest("Hello =>", params)
+        row = engine._run_group(Group([request], capture=True), 60).rows[0]
+        twin = engine._row_state(GenerationRequest("Hello =>", params))
+        eager = sample(row.logits[None], [twin])[0]
+        assert request.future.result().token_ids == (eager,), seed
+        off_argmax += eager != int(row.logits.argmax())
+    assert off_argmax >= 4
 
 
 def test_a_finished_row_is_answered_at_once_not_when_the_batch_ends(engine: Any) -> None:
