@@ -28,14 +28,14 @@ import torch
 from hotswap_core.config import Config
 from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams
-from hotswap_core.runner import ModelRunner, resolve_device, resolve_dtype, resolve_mode
+from hotswap_core.runner import ModelRunner, StepOutput, resolve_device, resolve_dtype, resolve_mode
 from hotswap_core.sampling import sample, uniforms
 from hotswap_core.scheduler import Group, Row, RowTable
 
 log = logging.getLogger("hotswapd.engine")
 T = TypeVar("T")
-# A forward over rows with their draws this step: (logits [len(rows), V], the tokens drawn in the forward).
-StepForward = Callable[[list[Row], list[float]], tuple[torch.Tensor, list[int]]]
+# A forward over rows, given their draws this step (``sampling.uniforms``).
+StepForward = Callable[[list[Row], list[float]], StepOutput]
 
 __all__ = ["Engine", "EngineBusy", "EngineStopped", "WarmupStep", "resolve_device", "resolve_dtype", "resolve_mode"]
 
@@ -301,8 +301,8 @@ class Engine:
         if self.table.active:
             self._run(self.table.active, self._decode)
 
-    def _decode(self, rows: list[Row], numbers: list[float]) -> tuple[torch.Tensor, list[int]]:
-        out = self.runner.decode(rows, self.table.bucket_rows(self.buckets), numbers)  # [len(rows), V], tokens
+    def _decode(self, rows: list[Row], numbers: list[float]) -> StepOutput:
+        out = self.runner.decode(rows, self.table.bucket_rows(self.buckets), numbers)
         self.steps += 1
         if self.on_batch is not None:
             self.on_batch(len(rows))
@@ -337,8 +337,7 @@ class Engine:
         """One forward over ``rows`` (sampling inside it), then push and retire; a failure fails those rows alone."""
         try:
             numbers = uniforms([r.state for r in rows])  # each row's draw this step, taken once
-            logits, drawn = forward(rows, numbers)  # [len(rows), V], the tokens drawn in the forward
-            self._sample(rows, logits, numbers, drawn)
+            self._sample(rows, forward(rows, numbers), numbers)
         except Exception as exc:
             log.exception("a step over %d rows failed", len(rows))
             for row in rows:
@@ -349,15 +348,14 @@ class Engine:
                     row.state.request.future.set_exception(EngineError(f"generation failed: {exc}"))
         self.last_loop_at = time.monotonic()  # a long generation is still a turning worker
 
-    def _sample(self, rows: list[Row], logits: torch.Tensor, numbers: list[float], drawn: list[int]) -> None:
-        if any(r.check_finite for r in rows):
-            finite = torch.isfinite(logits).all(dim=-1).tolist()
-            for row, ok in zip(rows, finite, strict=True):
-                row.finite = row.finite and bool(ok)
+    def _sample(self, rows: list[Row], out: StepOutput, numbers: list[float]) -> None:
+        """Push each row's token (drawn in the forward, or here when the row filters), then retire the finished."""
         for i, row in enumerate(rows):
+            row.finite = row.finite and out.finite[i]
             if row.capture and row.logits is None:
-                row.logits = logits[i].float().cpu()
-        for row, token in zip(rows, sample(logits, [r.state for r in rows], numbers, drawn), strict=True):
+                row.logits = out.logits[out.at[i]].float().cpu()
+        states = [r.state for r in rows]
+        for row, token in zip(rows, sample(out.logits, states, numbers, out.tokens, out.at), strict=True):
             row.state.push(token)
             if row.state.done:
                 self._retire(row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -74,8 +75,19 @@ def without_graphs(mode: str) -> str:
     return _NO_GRAPHS.get(mode, mode)
 
 
-# A compiled forward: (logits [B, V], the tokens sampling.draw chose [B]).
+# A compiled forward: (logits [B, V], ``_outcome`` [2, B]).
 Forward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One forward over rows: ``logits`` [B, V] with ``rows[i]``'s at ``at[i]`` (a decode's holes stay in),
+    and per row, in the order of the rows, the token drawn in the forward and whether its logits were finite."""
+
+    logits: torch.Tensor
+    at: list[int]
+    tokens: list[int]
+    finite: list[bool]
 
 
 class ModelRunner:
@@ -191,27 +203,27 @@ class ModelRunner:
         self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor, draws: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts ``ids`` [B, L] (right-padded) into cache ``rows`` [B]; next-token logits [B, V] at ``last``,
-        and each row's next token [B] (``sampling.draw`` with ``draws`` [B, 2])."""
+        and ``_outcome`` [2, B] (``draws`` [B, 2]: ``sampling.draw_inputs``)."""
         view = StepView(self.cache, rows, positions)
         hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
         h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]  # [B, H]
         logits = self._head(h)
-        return logits, draw(logits, draws)
+        return logits, _outcome(logits, draws)
 
     def _decode_forward(
         self, ids: torch.Tensor, positions: torch.Tensor, draws: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per cache row ``0 .. n-1``: ``ids`` and ``positions`` [n, 1]; logits [n, V] and the next
-        tokens [n] (``sampling.draw`` with ``draws`` [n, 2])."""
+        """One token per cache row ``0 .. n-1``: ``ids`` and ``positions`` [n, 1]; logits [n, V] and
+        ``_outcome`` [2, n] (``draws`` [n, 2]: ``sampling.draw_inputs``)."""
         view = decode_view(self.cache, positions)
         hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
         logits = self._head(hidden.last_hidden_state[:, -1])
-        return logits, draw(logits, draws)
+        return logits, _outcome(logits, draws)
 
     # ---- one forward over rows ------------------------------------------------------------------------
-    def prefill(self, rows: list[Row], numbers: list[float]) -> tuple[torch.Tensor, list[int]]:
+    def prefill(self, rows: list[Row], numbers: list[float]) -> StepOutput:
         """The prompts of newly admitted ``rows`` into their cache rows, with this step's ``numbers``
-        (``sampling.uniforms``): next-token logits [len(rows), V] and the tokens drawn in the forward."""
+        (``sampling.uniforms``)."""
         # At least 2 positions: dynamo specialises size-1 dims, and a 1-token prefill would be one more graph.
         bsz, length = len(rows), max(2, *(len(r.state.prompt_ids) for r in rows))
         ids = torch.full((bsz, length), self.pad_id, dtype=torch.long)
@@ -225,13 +237,13 @@ class ModelRunner:
         torch._dynamo.mark_static(draws, 1)
         self.slots.assign([r.slot for r in rows])
         dev = self.device
-        logits, tokens = self._prefill_fn(ids.to(dev), positions.to(dev), index.to(dev), last.to(dev), draws)
-        return logits, tokens.tolist()
+        logits, outcome = self._prefill_fn(ids.to(dev), positions.to(dev), index.to(dev), last.to(dev), draws)
+        tokens, finite = outcome.tolist()  # the step's one device -> host transfer
+        return StepOutput(logits, list(range(bsz)), tokens, [bool(f) for f in finite])
 
-    def decode(self, rows: list[Row], n: int, numbers: list[float]) -> tuple[torch.Tensor, list[int]]:
+    def decode(self, rows: list[Row], n: int, numbers: list[float]) -> StepOutput:
         """One token for each of ``rows``, over cache rows ``0 .. n-1`` (``n`` a decode bucket), with this step's
-        ``numbers`` (``sampling.uniforms``): logits [len(rows), V] and the tokens drawn in the forward, in the
-        order of ``rows``."""
+        ``numbers`` (``sampling.uniforms``); the logits stay [n, V], ``rows[i]`` at ``r.index``."""
         ids, positions, slots = [self.pad_id] * n, [0] * n, [0] * n  # rows nobody holds: position 0, discarded
         for r in rows:
             ids[r.index], positions[r.index], slots[r.index] = r.state.ids[-1], r.position, r.slot
@@ -240,14 +252,19 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         dev = self.device
-        logits, drawn = self._decode_fn(
+        logits, outcome = self._decode_fn(
             torch.tensor(ids, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None], draws.to(dev)
-        )  # [n, V], [n]
-        every = drawn.tolist()  # the step's one device -> host transfer
-        tokens = [every[r.index] for r in rows]
-        if len(rows) == n:
-            return logits, tokens
-        return logits.index_select(0, torch.tensor([r.index for r in rows], device=dev)), tokens
+        )  # [n, V], [2, n]
+        tokens, finite = outcome.tolist()  # the step's one device -> host transfer
+        at = [r.index for r in rows]
+        return StepOutput(logits, at, [tokens[i] for i in at], [bool(finite[i]) for i in at])
+
+
+def _outcome(logits: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """What a step tells the host, in one tensor [2, B]: each row's next token (``sampling.draw``), and 1 where
+    every logit of the row is finite (a swap's smoke prompts check it) else 0."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    return torch.stack([draw(logits, draws), finite.to(torch.long)])
 
 
 def _check_attention(config: Any) -> None:

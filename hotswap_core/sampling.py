@@ -84,21 +84,24 @@ def sample(
     rows: Sequence[Row],
     numbers: Sequence[float] | None = None,
     drawn: Sequence[int] | None = None,
+    at: Sequence[int] | None = None,
 ) -> list[int]:
-    """The next token of every row. ``logits``: [B, V], any device and dtype. ``numbers``: this step's
-    ``uniforms(rows)`` (taken here when None). ``drawn``: what ``draw`` chose in the forward, kept for every
-    row that neither filters (top-k, top-p) nor must not end yet (``min_tokens``); those are drawn here."""
+    """The next token of every row. ``logits``: [B, V], any device and dtype, ``rows[i]``'s at ``at[i]``
+    (default ``i``). ``numbers``: this step's ``uniforms(rows)`` (taken here when None). ``drawn``: what
+    ``draw`` chose in the forward, kept for every row that neither filters (top-k, top-p) nor must not end yet
+    (``min_tokens``); those are drawn here."""
     if numbers is None:
         numbers = uniforms(rows)
     vocab = logits.shape[-1]
     special = [i for i, (r, u) in enumerate(zip(rows, numbers, strict=True)) if _filters(r, u, vocab)]
+    at = range(len(rows)) if at is None else at
     if drawn is None:
-        plain = draw(logits, draw_inputs(rows, numbers, len(rows), range(len(rows))).to(logits.device))
-        drawn = plain.tolist()  # the one transfer to the host when nothing is special
+        every = draw(logits, draw_inputs(rows, numbers, logits.shape[0], at).to(logits.device)).tolist()
+        drawn = [every[i] for i in at]  # the one transfer to the host when nothing is special
     if not special:
         return list(drawn)
     tokens = list(drawn)
-    index = torch.tensor(special, device=logits.device)
+    index = torch.tensor([at[i] for i in special], device=logits.device)
     chosen = _filtered(logits.index_select(0, index), [rows[i] for i in special], [numbers[i] for i in special])
     for i, token in zip(special, chosen.tolist(), strict=True):
         tokens[i] = token
