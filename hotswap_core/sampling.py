@@ -74,9 +74,7 @@ def draw(logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     uniform is ``GREEDY``, else the inverse transform of ``softmax(logits / T)``. Only tensor operations, no
     data-dependent control flow: the runner traces it into the compiled forwards, so a step's sampling is part
     of the step's graph (a CUDA graph on CUDA) and costs the serving thread no operation of its own."""
-    uniform, scale = inputs[:, 0], inputs[:, 1]
-    drawn = _inverse_cdf(logits.float() * scale[:, None], uniform)
-    return torch.where(uniform < 0, logits.argmax(dim=-1), drawn)
+    return _choose(logits.float() * inputs[:, 1:], inputs[:, 0])
 
 
 def sample(
@@ -120,17 +118,21 @@ def _filtered(logits: torch.Tensor, rows: Sequence[Row], numbers: Sequence[float
     """The next token [R] of rows that mask EOS or filter: greedy rows take the masked argmax, the others draw
     from what their top-k and top-p leave (the same inverse transform as ``draw``, over the candidates)."""
     logits = _mask_early_eos(logits, rows)
-    device = logits.device
-    scale = torch.tensor([1.0 / r.temperature if u >= 0 else 1.0 for r, u in zip(rows, numbers, strict=True)])
-    scaled = logits.float() * scale.to(device)[:, None]
+    inputs = draw_inputs(rows, numbers, len(rows), range(len(rows))).to(logits.device, non_blocking=True)
     drawing = [u >= 0 for u in numbers]
     values, order = _top_k_top_p(
-        scaled, [r.top_k if d else 0 for r, d in zip(rows, drawing, strict=True)],
+        logits.float() * inputs[:, 1:],
+        [r.top_k if d else 0 for r, d in zip(rows, drawing, strict=True)],
         [r.top_p if d else 1.0 for r, d in zip(rows, drawing, strict=True)],
-    )  # fmt: skip
-    uniform = torch.tensor(list(numbers), dtype=torch.float32).to(device, non_blocking=True)
-    choice = torch.where(uniform < 0, values.argmax(dim=-1), _inverse_cdf(values, uniform))  # [R], into values
+    )
+    choice = _choose(values, inputs[:, 0])  # [R], into values
     return choice if order is None else order.gather(1, choice[:, None])[:, 0]
+
+
+def _choose(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row of ``scaled`` [R, W] (logits over the temperature): its argmax where ``uniform`` is ``GREEDY``,
+    else ``_inverse_cdf``."""
+    return torch.where(uniform < 0, scaled.argmax(dim=-1), _inverse_cdf(scaled, uniform))
 
 
 def _inverse_cdf(values: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
