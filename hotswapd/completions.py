@@ -107,31 +107,39 @@ class Completions:
         def post(kind: str, index: int, value: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, index, value))
 
+        # A whole answer needs none of these events: its futures alone wake the event loop, once each (every
+        # wake-up from the worker costs the loop a turn, and the worker the GIL, mid-step).
         reqs = [
             GenerationRequest(
                 ids,
                 call.params,
                 on_text=functools.partial(post, "text", i) if call.stream else None,
-                on_start=functools.partial(post, "start", 0) if i == 0 else None,
+                on_start=functools.partial(post, "start", 0) if call.stream and i == 0 else None,
             )
             for i, ids in enumerate(call.prompts)
         ]
+        # Everything the loop does for this request is done before it is submitted: the worker wakes at once
+        # and would wait for the GIL while the loop still held it.
+        if call.stream:
+            for i, r in enumerate(reqs):
+                r.future.add_done_callback(functools.partial(post, "done", i))
+        answers = [] if call.stream else [asyncio.wrap_future(r.future) for r in reqs]
+        rid = protocol.new_id(prefix)
         try:
-            futures = self.engine.submit_group(reqs)
-        except EngineBusy as exc:
-            raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
-        except EngineStopped as exc:
+            self.engine.submit_group(reqs)
+        except (EngineBusy, EngineStopped) as exc:
+            for r in reqs:
+                r.future.cancel()  # never ran: its wrapped future ends cancelled, not pending
+            if isinstance(exc, EngineBusy):
+                raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
             raise ApiError(503, str(exc), code="draining", headers={"Retry-After": "1"}) from exc
-        for i, fut in enumerate(futures):
-            fut.add_done_callback(functools.partial(post, "done", i))
         self.inflight += 1
         self.metrics.inflight.inc()
-        rid = protocol.new_id(prefix)
         try:
             async with asyncio.timeout(self.state.config.request_timeout_s):
                 if call.stream:
                     return await self._stream(request, rid, call, chat, events)
-                results = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+                results = list(await asyncio.gather(*answers))
                 self._observe(results)
                 body = protocol.completion_body(rid, self.state.model_id, results, chat)
                 return web.json_response(
