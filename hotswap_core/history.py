@@ -63,7 +63,9 @@ class SwapRecord:
     finished_at: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Shallow: ``dataclasses.asdict`` deep-copies every value, and a record is shown three times per swap
+        # (the event stream) and fifty per ``GET /v1/adapters``. Its one mutable field is copied.
+        return {**vars(self), "phases": dict(self.phases)}
 
 
 @dataclass(frozen=True)

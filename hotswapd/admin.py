@@ -102,7 +102,7 @@ class AdapterRoutes:
             raise protocol.bad("path must not contain a NUL byte", "path")
         real = os.path.realpath(path)
         roots = self._swap_roots()
-        if not any(os.path.commonpath([real, os.path.realpath(root)]) == os.path.realpath(root) for root in roots):
+        if not any(os.path.commonpath([real, r]) == r for r in map(os.path.realpath, roots)):
             raise ApiError(403, f"{path} is not under server.swap_roots ({', '.join(roots) or 'none'})",
                            param="path", code="path_not_allowed")  # fmt: skip
         loop = asyncio.get_running_loop()

@@ -38,12 +38,14 @@ class EventBus:
         """Thread-safe. The event is the record as ``GET /v1/adapters`` shows it, plus ``event`` and ``ts``."""
         if self._loop is None or kind not in KINDS:
             return
-        event = {"event": KINDS[kind], "ts": time.time(), **record_json(record)}
         with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
-            self._loop.call_soon_threadsafe(self._deliver, event)
+            self._loop.call_soon_threadsafe(self._deliver, KINDS[kind], time.time(), record)
 
-    def _deliver(self, event: dict[str, Any]) -> None:
-        event["seq"] = next(self._seq)  # numbered on the loop, so the order is the delivery order
+    def _deliver(self, name: str, ts: float, record: SwapRecord) -> None:
+        seq = next(self._seq)  # numbered on the loop, so the order is the delivery order
+        if not self._subscribers:
+            return  # built only for someone: a swap publishes three events, on the swap's own thread otherwise
+        event = {"event": name, "ts": ts, **record_json(record), "seq": seq}
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)
