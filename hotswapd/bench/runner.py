@@ -80,8 +80,8 @@ class BenchConfig:
 _PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "quick": dict(
-        restarts=1, stall_swaps=30, load_set_swaps=2, recompile_swaps=150, landed_swaps=6, latency_rounds=2,
-        latency_window_s=2.5, throughput_rounds=2, throughput_window_s=1.5, arrival_seconds=15.0,
+        restarts=1, stall_swaps=30, load_set_swaps=2, recompile_swaps=150, landed_swaps=6, latency_rounds=4,
+        latency_window_s=2.5, throughput_rounds=3, throughput_window_s=1.5, arrival_seconds=15.0,
         serving=Sizes(rounds=2, short_requests=6, mixed_requests=16, mixed_window_s=3.0, swaps=8,
                       sampling_window_s=1.5, sampling_tokens=32),
         geometry=False,  # its cold compile alone is 2.5 minutes on 2 cores: --quick --geometry adds it
