@@ -44,7 +44,7 @@ class EventBus:
     def _deliver(self, name: str, ts: float, record: SwapRecord) -> None:
         seq = next(self._seq)  # numbered on the loop, so the order is the delivery order
         if not self._subscribers:
-            return  # built only for someone: a swap publishes three events, on the swap's own thread otherwise
+            return  # built for followers only (three per swap), here on the loop, not on the swap's thread
         event = {"event": name, "ts": ts, **record_json(record), "seq": seq}
         for queue in list(self._subscribers):
             try:
