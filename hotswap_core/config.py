@@ -30,6 +30,9 @@ class CompileConfig:
     # Persistent inductor/FX cache; a warm cache turns a cold compile of minutes into seconds.
     cache_dir: str | None = None
     recompile_limit: int = 64
+    # Inductor's C++ wrapper: the whole compiled graph is one call that runs without the GIL, so the event loop
+    # and a swap's Python no longer stall a step. auto: on for CPU, off on CUDA (there CUDA graphs replay it).
+    cpp_wrapper: Literal["auto"] | bool = "auto"
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,18 @@ def use_compile_cache(path: str) -> None:
     os.makedirs(current, exist_ok=True)
 
 
+def resolve_cpp_wrapper(choice: str | bool, device: torch.device) -> bool:
+    """``auto``: inductor's C++ wrapper on CPU (a step runs as one call without the GIL), not on CUDA."""
+    return device.type == "cpu" if choice == "auto" else bool(choice)
+
+
+def compile_options(mode: str, cpp_wrapper: bool) -> dict[str, Any]:
+    """``torch.compile`` options for ``mode`` (it takes a mode or options, not both), plus the C++ wrapper."""
+    import torch._inductor
+
+    return {**torch._inductor.list_mode_options(mode), "cpp_wrapper": cpp_wrapper}
+
+
 def without_graphs(mode: str) -> str:
     """The same optimisation without CUDA graphs (for forwards whose shapes change: prefill, PEFT's own)."""
     return _NO_GRAPHS.get(mode, mode)
@@ -98,6 +110,7 @@ class ModelRunner:
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.mode = resolve_mode(config.model.compile.mode, self.device)
+        self.cpp_wrapper = resolve_cpp_wrapper(config.model.compile.cpp_wrapper, self.device)
         self.max_batch_size = config.model.max_batch_size
         self.max_seq_len = config.model.max_seq_len
         self.buckets = buckets_for(self.max_batch_size)  # decode batch sizes, a graph each
@@ -170,14 +183,17 @@ class ModelRunner:
             use_compile_cache(c.cache_dir)
         self.configure_dynamo()
         log.info(
-            "compiling decode with mode %r (one graph per batch size %s), prefill with %r",
+            "compiling decode with mode %r (one graph per batch size %s), prefill with %r; C++ wrapper %s",
             self.mode,
             list(self.buckets),
             without_graphs(self.mode),
+            "on" if self.cpp_wrapper else "off",
         )
-        prefill = torch.compile(self._prefill_forward, mode=without_graphs(self.mode), dynamic=c.dynamic)
+        prefill_options = compile_options(without_graphs(self.mode), self.cpp_wrapper)
+        decode_options = compile_options(self.mode, self.cpp_wrapper)
+        prefill = torch.compile(self._prefill_forward, options=prefill_options, dynamic=c.dynamic)
         # Decode shapes never change within a bucket: static, so each bucket is one graph (a CUDA graph on CUDA).
-        decode = torch.compile(self._decode_forward, mode=self.mode, dynamic=False)
+        decode = torch.compile(self._decode_forward, options=decode_options, dynamic=False)
         return prefill, decode
 
     def configure_dynamo(self) -> None:

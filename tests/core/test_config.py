@@ -134,3 +134,14 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert "source.directory.settle_seconds: expected a number, got 'soon'" in out.stdout
     missing = _check_config(tmp_path / "nope.yaml")
     assert missing.returncode == 2 and "no such file" in missing.stdout
+
+
+@pytest.mark.parametrize("value", ["auto", True, False])
+def test_cpp_wrapper_is_auto_or_a_boolean(value: object) -> None:
+    assert config_from_dict(with_({"model": {"compile": {"cpp_wrapper": value}}})).model.compile.cpp_wrapper == value
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_cpp_wrapper_refuses_anything_else(value: object) -> None:
+    got = problems(with_({"model": {"compile": {"cpp_wrapper": value}}}))
+    assert got == [f"model.compile.cpp_wrapper: expected 'auto' or true or false, got {value!r}"]

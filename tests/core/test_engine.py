@@ -223,6 +223,29 @@ def test_serving_runs_the_compiled_graph(engine: Any) -> None:
     assert engine.recompilations == 0
 
 
+@pytest.mark.parametrize(("choice", "expected"), [("auto", True), (False, False)])
+def test_the_cpu_compiles_with_the_cpp_wrapper(
+    monkeypatch: pytest.MonkeyPatch, demo_config: Any, choice: object, expected: bool
+) -> None:
+    """Prefill and decode both get inductor's C++ wrapper (a step runs without the GIL) unless turned off."""
+    import dataclasses
+
+    from hotswap_core.runner import ModelRunner, compile_options, resolve_cpp_wrapper
+
+    compile_ = dataclasses.replace(demo_config.model.compile, cpp_wrapper=choice, cache_dir=None)
+    model = dataclasses.replace(demo_config.model, compile=compile_, device="cpu")
+    config = dataclasses.replace(demo_config, model=model)
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    monkeypatch.setattr(ModelRunner, "configure_dynamo", lambda self: None)  # dynamo settings: per thread
+    runner = ModelRunner(config)
+    runner._compile()
+    assert runner.cpp_wrapper is expected
+    assert [kwargs["options"]["cpp_wrapper"] for kwargs in seen] == [expected, expected]
+    assert resolve_cpp_wrapper("auto", torch.device("cuda")) is False  # CUDA graphs replay the step there
+    assert compile_options("reduce-overhead", False) == {"triton.cudagraphs": True, "cpp_wrapper": False}
+
+
 def test_a_failing_stream_consumer_cancels_only_its_own_request(engine: Any) -> None:
     def broken(_text: str) -> None:
         raise BrokenPipeError("client went away")
