@@ -31,7 +31,8 @@ class CompileConfig:
     cache_dir: str | None = None
     recompile_limit: int = 64
     # Inductor's C++ wrapper: the whole compiled graph is one call that runs without the GIL, so the event loop
-    # and a swap's Python no longer stall a step. auto: on for CPU, off on CUDA (there CUDA graphs replay it).
+    # and a swap's Python no longer stall it (the step's own Python around it still takes turns with them).
+    # auto: on for CPU, off on CUDA (there CUDA graphs replay the step).
     cpp_wrapper: Literal["auto"] | bool = "auto"
 
 

@@ -101,6 +101,12 @@ class StepOutput:
     tokens: list[int]
     finite: list[bool]
 
+    @classmethod
+    def read(cls, logits: torch.Tensor, outcome: torch.Tensor, at: list[int]) -> StepOutput:
+        """A forward's ``(logits, _outcome)`` for the rows at ``at``: the step's one device -> host transfer."""
+        tokens, finite = outcome.tolist()
+        return cls(logits, at, [tokens[i] for i in at], [bool(finite[i]) for i in at])
+
 
 class ModelRunner:
     """Owns the model, its slots and its KV cache on one device; runs prefill and decode forwards."""
@@ -254,8 +260,7 @@ class ModelRunner:
         self.slots.assign([r.slot for r in rows])
         dev = self.device
         logits, outcome = self._prefill_fn(ids.to(dev), positions.to(dev), index.to(dev), last.to(dev), draws)
-        tokens, finite = outcome.tolist()  # the step's one device -> host transfer
-        return StepOutput(logits, list(range(bsz)), tokens, [bool(f) for f in finite])
+        return StepOutput.read(logits, outcome, list(range(bsz)))
 
     def decode(self, rows: list[Row], n: int, numbers: list[float]) -> StepOutput:
         """One token for each of ``rows``, over cache rows ``0 .. n-1`` (``n`` a decode bucket), with this step's
@@ -263,7 +268,8 @@ class ModelRunner:
         ids, positions, slots = [self.pad_id] * n, [0] * n, [0] * n  # rows nobody holds: position 0, discarded
         for r in rows:
             ids[r.index], positions[r.index], slots[r.index] = r.state.ids[-1], r.position, r.slot
-        draws = draw_inputs([r.state for r in rows], numbers, n, [r.index for r in rows])
+        at = [r.index for r in rows]
+        draws = draw_inputs([r.state for r in rows], numbers, n, at)
         self.slots.assign(slots)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
@@ -271,9 +277,7 @@ class ModelRunner:
         logits, outcome = self._decode_fn(
             torch.tensor(ids, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None], draws.to(dev)
         )  # [n, V], [2, n]
-        tokens, finite = outcome.tolist()  # the step's one device -> host transfer
-        at = [r.index for r in rows]
-        return StepOutput(logits, at, [tokens[i] for i in at], [bool(finite[i]) for i in at])
+        return StepOutput.read(logits, outcome, at)
 
 
 def _outcome(logits: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:

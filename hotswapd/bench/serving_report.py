@@ -103,8 +103,8 @@ def commit_to_live(figures: dict[str, ModelFigures]) -> dict[str, Any]:
         "notes": f"admin swaps while {LONG_CLIENTS} clients keep long generations running; commit = the swap "
         "record's commit phase (asked the worker -> new requests get the new slot); decode_step = each long "
         "generation's first chunk to its last / the chunks between, meanwhile; stage = the wait for rows pinned "
-        "to standby plus the copy (the long "
-        "generations restart before each swap: a swap landing within one generation of the previous one waits for it)",
+        "to standby plus the copy (the long generations restart before each swap: a swap landing within one "
+        "generation of the previous one waits for it)",
     }
 
 
