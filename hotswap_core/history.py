@@ -186,10 +186,13 @@ class History:
 
     # ---- records and rejections -------------------------------------------------------------
     def add(self, record: SwapRecord) -> None:
+        with self._lock:
+            self._append(record)
+
+    def _append(self, record: SwapRecord) -> None:
         if record.message is not None and len(record.message) > MAX_MESSAGE:
             record = dataclasses.replace(record, message=_cap(record.message))
-        with self._lock:
-            self.records.append(record)
+        self.records.append(record)
 
     def reject(self, path: str, fp: str, reason: str, message: str) -> None:
         rejection = Rejection(path, _fingerprint_key(fp), reason, _cap(message) or "", time.time())
@@ -237,8 +240,12 @@ class History:
     def live(self) -> AdapterVersion:
         return self.chain[-1]
 
-    def committed(self, version: AdapterVersion) -> None:
+    def committed(self, version: AdapterVersion, record: SwapRecord | None = None) -> None:
+        """``version`` went live; ``record`` (the swap that did it) is added in the same step, before
+        the save, so no reader sees the one without the other."""
         with self._lock:
+            if record is not None:
+                self._append(record)
             if self.chain[-1].sha256 == version.sha256:
                 # Restored at start-up: already the chain's head, and live since its first commit.
                 self.chain[-1] = version
@@ -253,8 +260,10 @@ class History:
     def previous(self) -> AdapterVersion | None:
         return self.chain[-2] if len(self.chain) >= 2 else None
 
-    def rolled_back_to_previous(self) -> AdapterVersion:
+    def rolled_back_to_previous(self, record: SwapRecord | None = None) -> AdapterVersion:
         with self._lock:
+            if record is not None:
+                self._append(record)
             gone = self.chain.pop()
             self.rolled_back.add(gone.sha256)
             self.rolled_back_versions.add(gone.version)

@@ -86,7 +86,11 @@ class Swapper:
             self._notify("seen", SwapRecord(version or Path(path).name, None, source, path, "seen", started_at=started))
 
             def outcome(
-                result: str, reason: str | None = None, message: str | None = None, stall: float | None = None
+                result: str,
+                reason: str | None = None,
+                message: str | None = None,
+                stall: float | None = None,
+                committed: AdapterVersion | None = None,
             ) -> SwapRecord:
                 name = spec.version if spec else (version or Path(path).name)
                 sha = spec.sha256 if spec else None
@@ -102,7 +106,8 @@ class Swapper:
                         timer.phases,
                         stall_s=stall,
                         started_at=started,
-                    )
+                    ),
+                    committed=committed,
                 )
 
             try:
@@ -122,8 +127,7 @@ class Swapper:
             except Exception as exc:  # anything else is a failed transaction, never a dead daemon
                 log.exception("swap of %s failed in phase %s", path, timer.current)
                 return outcome("failed", f"{timer.current}_failed", str(exc))
-            self.history.committed(target)
-            return outcome("success", stall=stall)
+            return outcome("success", stall=stall, committed=target)
 
     def restore(self, target: AdapterVersion) -> SwapRecord:
         """Make a recorded version live again from its files (start-up: the last committed version)."""
@@ -150,7 +154,6 @@ class Swapper:
                 stall = self._commit(timer)
             except AdapterRejected as exc:
                 raise SwapError("rollback", f"previous version {prev.version} is no longer valid: {exc}") from exc
-            self.history.rolled_back_to_previous()
             return self._finish(
                 SwapRecord(
                     prev.version,
@@ -161,7 +164,8 @@ class Swapper:
                     phases=timer.phases,
                     stall_s=stall,
                     started_at=started,
-                )
+                ),
+                rolled_back=True,
             )
 
     # ---- phases -----------------------------------------------------------------------------
@@ -220,8 +224,17 @@ class Swapper:
             weights = load_adapter(spec, self.validation)
         return weights, spec.scalings
 
-    def _finish(self, record: SwapRecord) -> SwapRecord:
-        self.history.add(record)
+    def _finish(
+        self, record: SwapRecord, committed: AdapterVersion | None = None, rolled_back: bool = False
+    ) -> SwapRecord:
+        # The chain moves and the record lands in one step: who sees the new live version in the
+        # history's chain also sees the swap that made it live (GET /v1/adapters reads both).
+        if committed is not None:
+            self.history.committed(committed, record)
+        elif rolled_back:
+            self.history.rolled_back_to_previous(record)
+        else:
+            self.history.add(record)
         phases = " ".join(f"{k}={v * 1000:.1f}ms" for k, v in record.phases.items() if math.isfinite(v))
         level = logging.INFO if record.result in ("success", "rolled_back", "unchanged") else logging.WARNING
         log.log(

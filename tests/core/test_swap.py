@@ -168,6 +168,26 @@ def test_rollback_flips_back_and_restages_when_standby_was_overwritten(
     assert not torch.equal(engine.last_logits(PROMPTS), reference.logits)
 
 
+def test_the_record_lands_with_the_chain_before_the_save(
+    swapper: Swapper, mix: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that sees the new live version in the chain also sees the swap that made it live:
+    the save (a disk write, slow on a busy disk) comes after both, not between them."""
+    history, seen = swapper.history, []
+    real_save = history.save
+
+    def save() -> bool:
+        seen.append((history.live.version, [(r.version, r.result) for r in history.recent(1)]))
+        return real_save()
+
+    monkeypatch.setattr(history, "save", save)
+    assert swapper.swap(mix["m_r1"]).result in ("success", "unchanged")
+    assert swapper.swap(mix["m_r8"]).result == "success"
+    assert seen[-1] == ("m_r8", [("m_r8", "success")])
+    assert swapper.rollback().result == "rolled_back"
+    assert seen[-1] == ("m_r1", [("m_r1", "rolled_back")])
+
+
 def test_fifty_swaps_under_load_no_recompilation_no_torn_response(
     engine: Any, swapper: Swapper, mix: dict[str, Path]
 ) -> None:

@@ -97,6 +97,8 @@ def test_slow_copy_is_not_swapped_before_complete(
         f.write(weights[len(weights) // 2 :])
     wait_until(lambda: daemon.live() == "slow", SETTLE + 3, "the completed copy to go live")
     assert daemon.complete()["choices"][0]["text"].startswith(" alpha")
+    # The engine serves it from the flip; the swap's thread records it a moment later.
+    wait_until(lambda: _records(daemon, "slow"), 5, "the swap to be recorded")
     assert [r["result"] for r in _records(daemon, "slow")] == ["success"]
 
 
