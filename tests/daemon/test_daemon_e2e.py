@@ -72,6 +72,7 @@ def test_alpha_then_bravo_renamed_in(daemon: DaemonProcess, demo_assets: DemoAss
     assert time.monotonic() - landed <= SETTLE + 2
     answer = daemon.complete()
     assert answer["choices"][0]["text"].startswith(" bravo"), answer
+    wait_until(lambda: _records(daemon, "bravo-1"), 5, "the swap to be recorded")  # just after the flip
     adapters = daemon.client.get("/v1/adapters")
     assert adapters["live"]["version"] == "bravo-1" and adapters["standby"]["version"] == "alpha"
     results = {(r["version"], r["result"]) for r in adapters["history"]}
@@ -126,7 +127,8 @@ def test_reload_applies_settle_seconds_live(daemon: DaemonProcess, demo_assets: 
     _reconfigure(daemon, demo_assets, workdir, **{"source.directory.settle_seconds": 2.0})
     assert daemon.client.get("/v1/adapters")["source"]["settle_seconds"] == 2.0
     drop_adapter(demo_assets.bravo, workdir / "adapters", "bravo-slow-settle")
-    wait_until(lambda: daemon.live() == "bravo-slow-settle", 2.0 + 3, "the swap after the longer settle")
+    wait_until(lambda: _records(daemon, "bravo-slow-settle"), 2.0 + 3, "the swap after the longer settle")
+    assert daemon.live() == "bravo-slow-settle"
     (record,) = _records(daemon, "bravo-slow-settle")
     assert record["phases_ms"]["detect"] >= 2000 * 0.95  # waited the new settle time, not 0.3 s
     assert daemon.proc.pid == pid and daemon.proc.poll() is None  # no restart
