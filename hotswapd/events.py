@@ -38,13 +38,18 @@ class EventBus:
         """Thread-safe. The event is the record as ``GET /v1/adapters`` shows it, plus ``event`` and ``ts``."""
         if self._loop is None or kind not in KINDS:
             return
-        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
-            self._loop.call_soon_threadsafe(self._deliver, KINDS[kind], time.time(), record)
-
-    def _deliver(self, name: str, ts: float, record: SwapRecord) -> None:
-        seq = next(self._seq)  # numbered on the loop, so the order is the delivery order
+        # Numbered here: swaps publish one at a time (under the swapper's lock), so numbers follow the
+        # order of publication, which is the order of delivery. With no follower nothing wakes the loop
+        # (three wake-ups per swap otherwise, on a machine whose cores the engine wants).
+        seq = next(self._seq)
         if not self._subscribers:
-            return  # built for followers only (three per swap), here on the loop, not on the swap's thread
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+            self._loop.call_soon_threadsafe(self._deliver, KINDS[kind], time.time(), record, seq)
+
+    def _deliver(self, name: str, ts: float, record: SwapRecord, seq: int) -> None:
+        if not self._subscribers:
+            return  # the follower left meanwhile; built for followers only, on the loop, not the swap's thread
         event = {"event": name, "ts": ts, **record_json(record), "seq": seq}
         for queue in list(self._subscribers):
             try:

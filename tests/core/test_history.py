@@ -337,6 +337,15 @@ def test_atomic_write_leaves_only_the_target(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]
 
 
+def test_atomic_write_over_a_temp_file_left_by_a_crash(tmp_path: Path) -> None:
+    target = tmp_path / STATE_FILE
+    (tmp_path / f".{STATE_FILE}.tmp").write_bytes(b"half a state from a killed save, longer than the next")
+    atomic_write(target, b'{"a": 3}')
+    assert target.read_bytes() == b'{"a": 3}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]
+    assert target.stat().st_mode & 0o777 == 0o600  # the state names files and versions: not world-readable
+
+
 def test_atomic_write_creates_missing_parent(tmp_path: Path) -> None:
     target = tmp_path / "a" / "b" / STATE_FILE
     atomic_write(target, b"x")
