@@ -12,14 +12,15 @@ file and its target; its files are not read. Links that stay inside are fine. Th
 same rule when it reads (``Candidate.within``, checked on each file opened), so flipping a link after
 the check changes nothing.
 
-Events are hints: one makes the source look, ``_look_gap()`` after the previous look or at once if
-that is past (later events never move it back). The gap is ``settle_seconds / 8``, or four times what
-the last look took when that is longer (a folder of thousands of versions), at most ``settle_seconds / 2``:
-so back-to-back arrivals are noticed within an eighth of a settle, and looks take at most a quarter of a
-core however fast events come. Events inside dot-entries (a producer's ``.incoming`` copy) are not
-hints, unless a ``current`` symlink may point into one (Kubernetes ``..data``). A periodic look every
-``rescan_seconds`` catches lost events. A folder's content is its ``history.fingerprint``; it has
-*settled* once two looks ``settle_seconds`` apart saw the same one, and a look is due at that moment.
+Events are hints: one makes the source look at once or, when the look before the previous one is not
+yet two gaps (``_look_gap()``) old, as soon as it is (later events never move that back). The gap is
+``settle_seconds / 8``, or four times what the last look took when that is longer (a folder of thousands
+of versions), at most ``settle_seconds / 2``: so a version renamed in just after a look (a producer that
+sends the next version once the last one is live) is seen at once, and however fast events come, looks
+average at most one a gap, a quarter of a core. Events inside dot-entries (a producer's ``.incoming``
+copy) are not hints, unless a ``current`` symlink may point into one (Kubernetes ``..data``). A periodic
+look every ``rescan_seconds`` catches lost events. A folder's content is its ``history.fingerprint``; it
+has *settled* once two looks ``settle_seconds`` apart saw the same one, and a look is due at that moment.
 Every wait is bounded: by the next settle, hold or rescan deadline.
 
 **Offering rule.** A settled folder is sorted (``completeness.classify``), from headers and sizes only
@@ -159,6 +160,7 @@ class DirectorySource:
         self._armed: tuple[object, ...] | None = None
         self._lock = threading.Lock()  # _pending and the two event fields below (observer thread, callers)
         self._last_scan = -math.inf  # so the first look is due at once
+        self._prev_scan = -math.inf  # the look before it: events may ask for two looks per two gaps
         self._first_event: float | None = None
         self._look_s = 0.0  # how long the last look took
         self._wake, self._stopping = threading.Event(), threading.Event()
@@ -257,7 +259,7 @@ class DirectorySource:
                 due = min(due, last + min(cfg.rescan_seconds, _MISSING_CHECK_S))
         with self._lock:
             if self._first_event is not None:  # the first event since the last look: later ones add nothing
-                due = min(due, max(self._first_event, last + self._look_gap(cfg)))
+                due = min(due, max(self._first_event, self._prev_scan + 2 * self._look_gap(cfg)))
         return due
 
     def _look_gap(self, cfg: DirectorySourceConfig) -> float:
@@ -276,7 +278,7 @@ class DirectorySource:
             cfg, now = self._apply_config(), time.monotonic()
             with self._lock:
                 seen_at = self._first_event if self._first_event is not None else now
-                self._first_event, self._last_scan = None, now
+                self._first_event, self._prev_scan, self._last_scan = None, self._last_scan, now
             # One stat per look: inode numbers are reused, so a folder deleted and made again can look
             # the same to a second stat; but watchdog's emitter stops when its folder is deleted.
             root, key = Path(cfg.path), self._arm_key()

@@ -528,8 +528,9 @@ def test_the_producers_dot_folder_copy_does_not_delay_the_look(root: Path, rec: 
 
 
 def test_back_to_back_arrivals_are_noticed_within_an_eighth_of_a_settle(root: Path, rec: Recorder, make_source) -> None:
-    # The second rename lands just after the look the first one caused: it is seen settle/8 later
-    # (not settle/2, as before), so the newest is offered about 1.125 settles after the first rename.
+    # The second rename lands just after the look the first one caused: it is seen at once (the look
+    # before that one is long past), at most settle/8 later, so the newest is offered 1 to 1.125 settles
+    # after the first rename (1.5 when looks were settle/2 apart).
     root.mkdir()
     a, b = write_adapter(root / ".a", seed=1), write_adapter(root / ".b", seed=2)  # before: no events
     make_source(settle_seconds=1.0)
@@ -542,6 +543,26 @@ def test_back_to_back_arrivals_are_noticed_within_an_eighth_of_a_settle(root: Pa
     lag = rec.offers[0][1] - t0
     assert rec.versions() == ["v2"] and [v for v, _ in rec.superseded] == ["v1"]
     assert 1.0 <= lag <= 1.125 + 0.2, lag  # before: 1.5 (the second rename was seen half a settle later)
+
+
+def test_a_producer_that_waits_for_each_offer_is_seen_at_once(root: Path, rec: Recorder, make_source) -> None:
+    # The bench's back-to-back producer: the next version is renamed in as soon as the last one is offered,
+    # a moment after the look that offered it. That look must not make the rename wait a look gap
+    # (settle/8) for the next look: each version is offered one settle after its rename.
+    root.mkdir()
+    staged = [write_adapter(root / f".incoming-v{i}", seed=i) for i in range(3)]  # before: no events
+    settle = 2.0
+    make_source(settle_seconds=settle)
+    assert rec.quiet(0)
+    lags = []
+    for i, staging in enumerate(staged):
+        t0 = time.monotonic()
+        os.rename(staging, root / f"v{i}")
+        assert rec.wait_for(lambda i=i: len(rec.offers) > i, timeout=10)
+        lags.append(rec.offers[i][1] - t0)
+    assert rec.versions() == ["v0", "v1", "v2"]
+    # Half a gap of slack for wake-ups; waiting for the next look added a gap (2.25 s measured before).
+    assert all(settle <= lag <= settle + settle / 16 for lag in lags), lags
 
 
 def test_two_arrivals_in_one_look_record_the_older_as_superseded(root: Path, rec: Recorder, make_source) -> None:
