@@ -565,6 +565,32 @@ def test_a_producer_that_waits_for_each_offer_is_seen_at_once(root: Path, rec: R
     assert all(settle <= lag <= settle + settle / 16 for lag in lags), lags
 
 
+def test_a_steady_stream_of_events_gets_about_one_look_a_gap(
+    root: Path, rec: Recorder, make_source, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worst case for the look rate: an event every 5 ms for 3 s (a file rewritten beside the versions).
+    # Looks may come two at once, never more than two per two gaps: about one a gap (settle/8 = 0.1 s).
+    root.mkdir()
+    looks: list[float] = []
+    real_scan = DirectorySource._scan
+
+    def counted(self: DirectorySource, *, periodic: bool) -> Candidate | None:
+        looks.append(time.monotonic())
+        return real_scan(self, periodic=periodic)
+
+    monkeypatch.setattr(DirectorySource, "_scan", counted)
+    make_source(settle_seconds=0.8)
+    assert rec.quiet(0)
+    seconds, start = 3.0, time.monotonic()
+    while time.monotonic() < start + seconds:
+        (root / "notes.txt").write_text(str(time.monotonic()))
+        time.sleep(0.005)
+    during = [t for t in looks if start <= t < start + seconds]
+    gap = 0.8 / 8
+    assert seconds / gap * 0.6 <= len(during) <= seconds / gap + 2, len(during)
+    assert all(b - a >= 2 * gap * 0.95 for a, b in zip(during, during[2:], strict=False)), during
+
+
 def test_two_arrivals_in_one_look_record_the_older_as_superseded(root: Path, rec: Recorder, make_source) -> None:
     root.mkdir()
     src = make_source(start=False)
