@@ -13,10 +13,10 @@ from typing import Any
 from hotswap_core.config import Config
 from hotswap_core.history import History, SwapRecord, fingerprint
 from hotswap_core.metrics import Metrics
-from hotswap_core.sources.directory import EVENT_KINDS as DIRECTORY_EVENT_KINDS
 from hotswap_core.sources.directory import Candidate, DirectorySource
 from hotswap_core.sources.hub import EVENT_KINDS as HUB_EVENT_KINDS
 from hotswap_core.sources.hub import HubSource, hub_cache_dir
+from hotswap_core.sources.watch import EVENT_KINDS as DIRECTORY_EVENT_KINDS
 from hotswap_core.swap import Swapper
 
 log = logging.getLogger("hotswapd.daemon")

@@ -69,26 +69,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
-
 from hotswap_core.config import DirectorySourceConfig
 from hotswap_core.history import folder_stamp
 from hotswap_core.sources import call_back
 from hotswap_core.sources.completeness import NO_MARKER, OUTSIDE, State, classify
+from hotswap_core.sources.watch import CURRENT_NAME, Watch, folder_key
 
 log = logging.getLogger("hotswapd.source.directory")
 
-CURRENT_NAME = "current"
 _HOLD_SETTLES = 0.75  # how long (in settles) a newer folder still settling may hold back a settled one
 _MISSING_CHECK_S = 1.0  # how often a missing watched folder (or an unarmed observer) is retried
-# watchdog event type -> kind counted; "closed" (a write finished) is only a hint. Our own reads
-# (opened, closed_no_write) must be neither, or every look would trigger the next one.
-_EVENTS = {"created": "created", "modified": "modified", "attrib": "modified", "deleted": "deleted",
-           "moved": "moved", "closed": None}  # fmt: skip
-EVENT_KINDS = ("created", "modified", "deleted", "moved", "rescan", "missing")  # what on_event reports
 
 
 @dataclass(frozen=True)
@@ -156,8 +146,7 @@ class DirectorySource:
         self._last_offered: Path | None = None
         self._hold_until: float | None = None  # a newer folder settling holds the winner back until then
         self._root_id: tuple[object, ...] | None = None  # () while the watched folder is missing
-        self._observer: BaseObserver | None = None
-        self._armed: tuple[object, ...] | None = None
+        self._watch = Watch(self._hint)
         self._lock = threading.Lock()  # _pending and the two event fields below (observer thread, callers)
         self._last_scan = -math.inf  # so the first look is due at once
         self._prev_scan = -math.inf  # the look before it: events may ask for two looks per two gaps
@@ -181,7 +170,7 @@ class DirectorySource:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         with self._scan_lock:
-            self._disarm()
+            self._watch.disarm()
 
     def update_config(self, config: DirectorySourceConfig) -> None:
         """Apply a reloaded config: timings at once; the observer is re-armed if path or polling changed.
@@ -255,7 +244,7 @@ class DirectorySource:
             if self._hold_until is not None:
                 settling.append(self._hold_until)
             due = min([last + cfg.rescan_seconds, *(d for d in settling if d > last)])
-            if self._armed is None:  # missing, or the observer could not start
+            if self._watch.armed is None:  # missing, or the observer could not start
                 due = min(due, last + min(cfg.rescan_seconds, _MISSING_CHECK_S))
         with self._lock:
             if self._first_event is not None:  # the first event since the last look: later ones add nothing
@@ -281,9 +270,8 @@ class DirectorySource:
                 self._first_event, self._prev_scan, self._last_scan = None, self._last_scan, now
             # One stat per look: inode numbers are reused, so a folder deleted and made again can look
             # the same to a second stat; but watchdog's emitter stops when its folder is deleted.
-            root, key = Path(cfg.path), self._arm_key()
-            emitters = self._observer.emitters if self._observer is not None else set()
-            root_id, dead = key[:2], not all(e.is_alive() for e in emitters)
+            root, key = Path(cfg.path), folder_key(cfg)
+            root_id, dead = key[:2], self._watch.dead()
             if root_id != self._root_id or dead:  # gone, back, or replaced: what is in it now is all new
                 if root_id == ():
                     log.warning("watched folder %s is missing; still serving, looking for it again", root)
@@ -293,8 +281,8 @@ class DirectorySource:
                 self._root_id, self._last_offered = root_id, None
                 self._tracks.clear()
                 self._done.clear()
-            if self._thread is not None and (self._armed != key or dead):
-                self._arm(root, key)
+            if self._thread is not None and (self._watch.armed != key or dead):
+                self._watch.arm(root, key, cfg)
             if periodic:
                 call_back(log, self._on_event, "rescan")
             entries, real_root = self._entries(root)
@@ -436,50 +424,3 @@ class DirectorySource:
             except OSError as exc:  # vanished or unreadable: not cached, the next look tries again
                 return "arriving", str(exc)
         return self._states[key]
-
-    def _arm_key(self) -> tuple[object, ...]:
-        """What the observer watches: the folder's identity, and how. () while it is missing."""
-        cfg = self._config
-        try:
-            st = os.stat(cfg.path)
-        except OSError:
-            return ()
-        return st.st_dev, st.st_ino, cfg.path, cfg.polling, cfg.rescan_seconds if cfg.polling else None
-
-    def _arm(self, root: Path, key: tuple[object, ...]) -> None:
-        self._disarm()
-        if not key:
-            return
-        # With polling the periodic look does the work; the observer adds hints at the same pace.
-        observer = PollingObserver(timeout=self._config.rescan_seconds) if self._config.polling else Observer()
-        try:
-            observer.schedule(_Hints(self._hint, root), str(root), recursive=True)
-            observer.start()
-        except OSError as exc:
-            log.warning("cannot watch %s (%s); relying on rescans until it can", root, exc)
-            return
-        self._observer, self._armed = observer, key
-
-    def _disarm(self) -> None:
-        observer, self._observer, self._armed = self._observer, None, None
-        if observer is not None:
-            observer.stop()
-            if observer.is_alive():
-                observer.join()
-
-
-class _Hints(FileSystemEventHandler):
-    def __init__(self, hint: Callable[[str | None], None], root: Path) -> None:
-        self._hint, self._root = hint, os.fsdecode(root) + os.sep
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in _EVENTS:
-            return
-        paths = [os.fsdecode(p) for p in (event.src_path, getattr(event, "dest_path", "")) if p]
-        if all(self._in_dot_entry(p) for p in paths) and not os.path.islink(self._root + CURRENT_NAME):
-            return  # a producer writing its .incoming copy: only the rename in is news
-        self._hint(_EVENTS[event.event_type])
-
-    def _in_dot_entry(self, path: str) -> bool:
-        """True for a path inside (or being) a top-level entry whose name starts with a dot."""
-        return path.startswith(self._root) and path[len(self._root) :].startswith(".")

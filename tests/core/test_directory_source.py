@@ -284,7 +284,7 @@ def test_polling_observer(root: Path, rec: Recorder, make_source) -> None:
     os.rename(write_adapter(root / ".t"), root / "v1")
     assert rec.wait_for(lambda: rec.offers)
     assert rec.versions() == ["v1"]
-    assert isinstance(src._observer, PollingObserver)
+    assert isinstance(src._watch.observer, PollingObserver)
     assert rec.wait_for(lambda: {"created", "moved"} & set(rec.events))
 
 
