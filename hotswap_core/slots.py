@@ -188,21 +188,32 @@ class SlotBank:
         if self._pins[index]:
             raise RuntimeError(f"refusing to stage into slot {index}: {self._pins[index]} running rows use it")
         self.contents[index] = None
+        # One multi-tensor copy and one multi-tensor zero for the whole adapter (torch.optim's foreach
+        # ops): a 28-layer model has 196 modules, and four operations each were ~800 dispatches from the
+        # swap's thread, holding the interpreter in between. The copy still moves tensor by tensor inside
+        # the op (host -> device and sliced destinations take foreach's per-tensor path); the zeroing is
+        # one kernel on CUDA.
+        into: list[torch.Tensor] = []
+        copied: list[torch.Tensor] = []
+        zeroed: list[torch.Tensor] = []
         for name, slots in self._modules.items():
             a_w, b_w, scale = slots.a.weight[index], slots.b.weight[index], slots.b.scale
             assert scale is not None
             if name in weights:
                 a, b = weights[name]  # a: [r, in], b: [out, r]
                 r = a.shape[0]
-                a_w[:r].copy_(a, non_blocking=True)
-                a_w[r:].zero_()
-                b_w[:, :r].copy_(b, non_blocking=True)
-                b_w[:, r:].zero_()
+                into += (a_w[:r], b_w[:, :r])
+                copied += (a, b)
+                if r < a_w.shape[0]:
+                    zeroed += (a_w[r:], b_w[:, r:])
                 scale[index] = scalings[name]
             else:
-                a_w.zero_()
-                b_w.zero_()
+                zeroed += (a_w, b_w)
                 scale[index] = 0.0
+        if into:
+            torch._foreach_copy_(into, copied, non_blocking=True)
+        if zeroed:
+            torch._foreach_zero_(zeroed)
         if self.slot.device.type == "cuda":
             torch.cuda.synchronize(self.slot.device)  # the copies above are async; finish before marking clean
         self.contents[index] = version

@@ -231,6 +231,18 @@ def test_load_casts_and_owns_memory(good: Path, layout: Layout):
     assert torch.count_nonzero(load_adapter(spec, STRICT)[Q0][0]) > 0
 
 
+def test_load_of_mixed_dtypes_keeps_each_tensor(copy_of: Path, layout: Layout):
+    # Each tensor keeps its own dtype (the slot's copy casts), values intact.
+    edit_tensors(copy_of, lambda t: t.__setitem__(Q0_A, t[Q0_A].half()))
+    saved = load_file(copy_of / WEIGHTS)
+    spec = inspect_adapter(copy_of, layout, STRICT)
+    loaded = load_adapter(spec, STRICT)
+    a, b = loaded[Q0]
+    assert a.dtype == torch.float16 and b.dtype == torch.float32
+    assert torch.equal(a, saved[Q0_A]) and torch.equal(b, saved[Q0_B])
+    assert all(torch.equal(x, saved[spec.modules[n].a_key]) for n, (x, _) in loaded.items())
+
+
 def test_base_model_matching(copy_of: Path, layout: Layout):
     edit_config(copy_of, base_model_name_or_path="/elsewhere/tiny-llama/")  # same folder name counts
     validate_adapter(copy_of, layout, STRICT)
