@@ -35,19 +35,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_cached_repo_tree, get_session, snapshot_download
+from huggingface_hub import HfApi, get_cached_repo_tree, snapshot_download
 from huggingface_hub.errors import (
     CachedRepoTreeNotFoundError,
-    HfHubHTTPError,
     HFValidationError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import tqdm as hf_tqdm
 
 from hotswap_core.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from hotswap_core.config import HubSourceConfig
@@ -55,6 +52,7 @@ from hotswap_core.errors import HotswapError, SourceError
 from hotswap_core.sources import call_back
 from hotswap_core.sources.directory import Candidate
 from hotswap_core.sources.hub_cache import collect, kept_commits, snapshot_shas
+from hotswap_core.sources.hub_http import Quiet, TimeoutCap, describe, endpoint_of, rate_limit, token_of
 
 log = logging.getLogger("hotswapd.source.hub")
 
@@ -111,7 +109,7 @@ class HubSource:
         self._uniform = uniform  # spreads each wait between polls (poll_jitter)
         self._repos: set[str] = {config.repo_id}  # repos downloaded into: their old downloads are collected too
         self._collected = False  # the first poll collects what an earlier run left
-        self._cap = _TimeoutCap()
+        self._cap = TimeoutCap()
         self._poll_lock = threading.Lock()  # one poll at a time: the thread's or poll_now's
         self._lock = threading.Lock()  # the fields below, read by status()
         self._handled: str | None = None  # the head last offered or vetoed: not offered again while it stays
@@ -172,7 +170,7 @@ class HubSource:
             return {
                 "repo_id": c.repo_id,
                 "revision": c.revision,
-                "endpoint": _endpoint(c),
+                "endpoint": endpoint_of(c),
                 "last_sha": self._last_sha,
                 "head_sha": self._head_sha,
                 "last_poll_at": self._last_poll_at,
@@ -212,7 +210,7 @@ class HubSource:
             return offered
 
     def _attempt(self, config: HubSourceConfig, stop: threading.Event | None) -> tuple[str, Candidate | None]:
-        endpoint, token = _endpoint(config), _token(config)
+        endpoint, token = endpoint_of(config), token_of(config)
         self._cap.arm((f"{endpoint}/api/models/{config.repo_id}/", f"{endpoint}/{config.repo_id}/resolve/"),
                       self._timeout_s)  # fmt: skip
         info = HfApi(endpoint=endpoint, token=token).model_info(
@@ -269,7 +267,7 @@ class HubSource:
                 etag_timeout=self._timeout_s,
                 force_download=version in self._suspect,
                 max_workers=len(ALLOW_PATTERNS),
-                tqdm_class=_Quiet,
+                tqdm_class=Quiet,
             )
         )
         # The listing the download just cached (no request): the sizes the Hub reported for this commit.
@@ -320,7 +318,7 @@ class HubSource:
         return config.poll_seconds * self._uniform(1.0 - j, 1.0 + j) if j else config.poll_seconds
 
     def _failed(self, config: HubSourceConfig, exc: Exception) -> str:
-        limited, retry_after = _rate_limit(exc)
+        limited, retry_after = rate_limit(exc)
         with self._lock:
             self._failures += 1
             cap = max(config.poll_seconds, _MAX_BACKOFF_S)
@@ -330,7 +328,7 @@ class HubSource:
             if isinstance(exc, RevisionNotFoundError) and self._failures <= retries:
                 delay = min(soon, config.poll_seconds)
             self._due = time.monotonic() + delay
-            self._last_error = message = _describe(exc)
+            self._last_error = message = describe(exc)
             failures = self._failures
         result = "rate_limited" if limited else "error"
         log.warning("polling %s@%s failed (%s in a row): %s; next try in %.1fs",
@@ -340,86 +338,5 @@ class HubSource:
         return result
 
 
-class _TimeoutCap:
-    """httpx request hook on the library's shared client: caps each timeout of one repo's requests."""
-
-    def __init__(self) -> None:
-        self.prefixes: tuple[str, ...] = ()
-        self.seconds = 10.0
-
-    def __call__(self, request: httpx2.Request) -> None:
-        if str(request.url).startswith(self.prefixes):
-            old = request.extensions.get("timeout") or {}
-            request.extensions["timeout"] = {
-                k: self.seconds if old.get(k) is None else min(old[k], self.seconds)
-                for k in ("connect", "read", "write", "pool")
-            }
-
-    def arm(self, prefixes: tuple[str, ...], seconds: float) -> None:
-        """Attach to the shared client, again after the library replaced it (it does on a connection error)."""
-        self.prefixes, self.seconds = prefixes, seconds
-        self._set(attached=True)
-
-    def detach(self) -> None:
-        self._set(attached=False)
-
-    def _set(self, *, attached: bool) -> None:
-        session = get_session()
-        hooks = session.event_hooks
-        if (self in hooks["request"]) != attached:
-            # New lists rather than append()/remove(): another thread may be iterating the old one.
-            others = [h for h in hooks["request"] if h is not self]
-            session.event_hooks = {"request": [*others, self] if attached else others, "response": hooks["response"]}
-
-
-class _Quiet(hf_tqdm):  # type: ignore[misc]
-    """No progress bars in a daemon's log."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["disable"] = True
-        super().__init__(*args, **kwargs)
-
-
 def _versions(keep: Callable[[], Iterable[str]]) -> list[str]:
     return [str(v) for v in keep()]
-
-
-def _endpoint(config: HubSourceConfig) -> str:
-    return (config.endpoint or constants.ENDPOINT).rstrip("/")
-
-
-def _token(config: HubSourceConfig) -> str | bool:
-    """``token_file`` (read at each poll, so a rotated token is picked up), else ``$HF_TOKEN``, else none (False:
-    not even the token ``hf auth login`` saved for the user)."""
-    if config.token_file:
-        try:
-            token = Path(config.token_file).read_text().strip()
-        except OSError as exc:
-            raise SourceError(f"cannot read token_file {config.token_file}: {exc.strerror or exc}") from exc
-        if not token:
-            raise SourceError(f"token_file {config.token_file} is empty")
-        return token
-    return os.environ.get("HF_TOKEN", "").strip() or False
-
-
-def _rate_limit(exc: BaseException) -> tuple[bool, float | None]:
-    """(a 429?, its Retry-After in seconds: delay-seconds or an HTTP-date), through the causes the library chains."""
-    seen: BaseException | None = exc
-    while seen is not None and not (isinstance(seen, HfHubHTTPError) and seen.response.status_code == 429):
-        seen = seen.__cause__ or seen.__context__
-    if seen is None:
-        return False, None
-    value = seen.response.headers.get("Retry-After", "")
-    try:
-        return True, max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return True, max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return True, None
-
-
-def _describe(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()  # the library's messages run to several lines (request id, URL)
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
