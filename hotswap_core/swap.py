@@ -164,8 +164,7 @@ class Swapper:
                     phases=timer.phases,
                     stall_s=stall,
                     started_at=started,
-                ),
-                rolled_back=True,
+                )
             )
 
     # ---- phases -----------------------------------------------------------------------------
@@ -224,14 +223,12 @@ class Swapper:
             weights = load_adapter(spec, self.validation)
         return weights, spec.scalings
 
-    def _finish(
-        self, record: SwapRecord, committed: AdapterVersion | None = None, rolled_back: bool = False
-    ) -> SwapRecord:
+    def _finish(self, record: SwapRecord, committed: AdapterVersion | None = None) -> SwapRecord:
         # The chain moves and the record lands in one step: who sees the new live version in the
         # history's chain also sees the swap that made it live (GET /v1/adapters reads both).
         if committed is not None:
             self.history.committed(committed, record)
-        elif rolled_back:
+        elif record.result == "rolled_back":
             self.history.rolled_back_to_previous(record)
         else:
             self.history.add(record)
