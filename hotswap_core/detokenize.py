@@ -55,3 +55,18 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(self.ids)
         self.text += delta
         return delta
+
+
+class TokenTexts:
+    """The text of single tokens, for log-probabilities: each id decoded once, then kept (at most the
+    vocabulary's size). Special tokens keep their text (an alternative may be EOS)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self._decode([token_id])
+        return text

@@ -20,39 +20,25 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
 from hotswap_core.config import Config
+from hotswap_core.detokenize import TokenTexts
 from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams
 from hotswap_core.runner import ModelRunner, StepOutput, resolve_device, resolve_dtype, resolve_mode
-from hotswap_core.sampling import sample, uniforms
+from hotswap_core.sampling import logprobs, sample, uniforms
 from hotswap_core.scheduler import Group, Row, RowTable
+from hotswap_core.warmup import WarmupStep, estimate, warmup_plan
 
 log = logging.getLogger("hotswapd.engine")
 T = TypeVar("T")
 # A forward over rows, given their draws this step (``sampling.uniforms``).
 StepForward = Callable[[list[Row], list[float]], StepOutput]
 
-__all__ = ["Engine", "EngineBusy", "EngineStopped", "WarmupStep", "resolve_device", "resolve_dtype", "resolve_mode"]
-
-
-@dataclass(frozen=True)
-class WarmupStep:
-    """One warm-up step about to run: step ``k`` of ``total``; ``eta_s`` is None until one step has run."""
-
-    k: int
-    total: int
-    batch: int
-    length: int
-    elapsed_s: float
-    eta_s: float | None
-
-    def describe(self) -> str:
-        return f"step {self.k}/{self.total}: batch {self.batch}, prompt length {self.length}"
+__all__ = ["Engine", "EngineBusy", "EngineStopped", "resolve_device", "resolve_dtype", "resolve_mode"]
 
 
 class EngineBusy(EngineError):
@@ -96,6 +82,7 @@ class Engine:
         r = self.runner
         r.load()
         self.tokenizer, self.model_config, self.vocab_size = r.tokenizer, r.model_config, r.vocab_size
+        self.token_text = TokenTexts(lambda ids: str(self.tokenizer.decode(ids)))  # log-probabilities' token names
         self.eos_ids, self.pad_id, self.sampling_defaults = r.eos_ids, r.pad_id, r.sampling_defaults
         self.layout, self.slots = r.layout, r.slots
 
@@ -104,17 +91,17 @@ class Engine:
         """Run every shape the server will see, so no request compiles later: each decode bucket, and
         prefill at batch sizes 1, 2 and more, short and long prompts; rows on both slots.
 
-        ``progress`` is called before each step, with an estimate of the time left (see ``_eta``).
+        ``progress`` is called before each step, with an estimate of the time left (``warmup.estimate``).
         """
         t0 = time.monotonic()
         self.runner.configure_dynamo()
-        lengths = sorted({2, 3, max(3, self.max_seq_len // 2), max(3, self.max_seq_len - 4)})
-        plan = [(b, n) for b in self.buckets for n in lengths]
+        plan = warmup_plan(self.buckets, self.max_seq_len)
+        dynamic = self.config.model.compile.dynamic is not False
         took: list[tuple[float, bool]] = []  # (seconds, compiled a graph) per step done
         params = SamplingParams(max_tokens=3, ignore_eos=True)  # decode runs whatever the model emits
         for k, (bsz, length) in enumerate(plan, 1):
             if progress:
-                eta = self._eta(plan[k - 1 :], took, {b for b, _ in plan[: k - 1]})
+                eta = estimate(plan[k - 1 :], took, {b for b, _ in plan[: k - 1]}, dynamic)
                 progress(WarmupStep(k, len(plan), bsz, length, time.monotonic() - t0, eta))
             step_t0, graphs = time.monotonic(), compiled_graph_count()
             # Rows of different lengths (padding is part of what is traced), on alternating slots.
@@ -131,23 +118,6 @@ class Engine:
         elapsed = time.monotonic() - t0
         log.info("warm-up done in %.1fs: %d graphs compiled", elapsed, self._graphs_after_warmup)
         return elapsed
-
-    def _eta(self, left: list[tuple[int, int]], took: list[tuple[float, bool]], seen: set[int]) -> float | None:
-        """Seconds the steps ``left`` should take. Nearly all the time goes into the steps that compile:
-        the first step of each batch size (its decode graph; with ``compile.dynamic`` prefill is symbolic
-        in the prompt length), and without ``compile.dynamic`` every step. None until a compiling step is done."""
-        compiling = [t for t, compiled in took if compiled]
-        if not compiling:
-            return None
-        fast = sorted(t for t, compiled in took if not compiled)
-        per_fast = fast[len(fast) // 2] if fast else 0.05
-        dynamic = self.config.model.compile.dynamic is not False
-        new, total = set(seen), 0.0
-        for bsz, _ in left:
-            compiles = not dynamic or bsz not in new
-            new.add(bsz)
-            total += sum(compiling) / len(compiling) if compiles else per_fast
-        return total
 
     @property
     def recompilations(self) -> int:
@@ -312,8 +282,9 @@ class Engine:
         """Rows for the requests of ``group``, all pinned to one slot: the group's, or the live one now."""
         slot = self.slots.live if group.slot is None else group.slot
         for req in group.requests:
-            if req.cancelled.is_set():
-                req.future.cancel()  # the client went away before its turn
+            if req.cancelled.is_set():  # the client went away before its turn
+                req.future.cancel()
+                req.future.set_running_or_notify_cancel()  # wakes concurrent.futures.wait(), which cancel() does not
                 continue
             if not req.future.set_running_or_notify_cancel():
                 continue
@@ -355,10 +326,24 @@ class Engine:
             if row.capture and row.logits is None:
                 row.logits = out.logits[out.at[i]].float().cpu()
         states = [r.state for r in rows]
-        for row, token in zip(rows, sample(out.logits, states, numbers, out.tokens, out.at), strict=True):
-            row.state.push(token)
+        tokens = sample(out.logits, states, numbers, out.tokens, out.at)
+        scored = self._logprobs(rows, out, tokens)
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            row.state.push(token, scored.get(i))
             if row.state.done:
                 self._retire(row)
+
+    @staticmethod
+    def _logprobs(
+        rows: list[Row], out: StepOutput, tokens: list[int]
+    ) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:
+        """The log-probabilities of the rows that asked for them (index into ``rows`` -> ``sampling.logprobs``)."""
+        asking = [i for i, row in enumerate(rows) if row.state.params.logprobs is not None]
+        if not asking:
+            return {}
+        top = [rows[i].state.params.logprobs or 0 for i in asking]
+        found = logprobs(out.logits, [out.at[i] for i in asking], [tokens[i] for i in asking], top)
+        return dict(zip(asking, found, strict=True))
 
     def _retire(self, row: Row) -> None:
         """The row's request is answered now, the step it finished, and its row is free for the next step."""
@@ -375,6 +360,7 @@ class Engine:
                 adapter=row.version,
                 time_to_first_token_s=ttft,
                 duration_s=time.monotonic() - state.request.created_at,
+                logprobs=None if state.logprobs is None else tuple(state.logprobs),
             )
         )
 

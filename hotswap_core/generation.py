@@ -19,6 +19,7 @@ from hotswap_core.detokenize import IncrementalDetokenizer
 from hotswap_core.slots import AdapterVersion
 
 log = logging.getLogger("hotswapd.engine")
+MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class SamplingParams:
     top_k: int = 0  # 0 = off; else sample among the k most likely tokens
     min_tokens: int = 0  # EOS cannot be sampled and stop strings do not end the text before this many tokens
     ignore_eos: bool = False  # EOS is a token like any other: generate max_tokens (load generators use it)
+    # None: no log-probabilities; k: each generated token's, and the k most likely tokens' at its position.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -43,6 +46,20 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw distribution: before temperature, top-k and
+    top-p, as vLLM reports by default), the ``top`` most likely tokens at its position with theirs (most likely
+    first), and where its text starts in the completion's text (``offset``, characters)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,7 @@ class GenerationResult:
     adapter: AdapterVersion
     time_to_first_token_s: float
     duration_s: float
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of token_ids, when the request asked
 
     @property
     def completion_tokens(self) -> int:
@@ -63,11 +81,12 @@ class GenerationResult:
 @dataclass(eq=False)
 class GenerationRequest:
     """One prompt to complete. From the worker thread, ``on_start`` receives the adapter version the
-    request will run on (fixed for its whole life) and ``on_text`` receives text deltas (streaming)."""
+    request will run on (fixed for its whole life) and ``on_text`` receives text deltas (streaming), each with
+    the log-probabilities of the tokens that produced it (empty unless ``params.logprobs`` asks for them)."""
 
     prompt: str | list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    on_text: Callable[[str], Any] | None = None
+    on_text: Callable[[str, tuple[TokenLogprob, ...]], Any] | None = None
     on_start: Callable[[AdapterVersion], Any] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future[GenerationResult] = field(default_factory=Future)
@@ -91,6 +110,8 @@ class RowState:
         self.eos_ids = frozenset() if self.params.ignore_eos else eos_ids
         self.ids: list[int] = []
         self.text = ""
+        self.logprobs: list[TokenLogprob] | None = None if self.params.logprobs is None else []
+        self._logprobs_emitted = 0
         self._longest_stop = max((len(s) for s in self.params.stop), default=0)
         self._emitted = 0
         self.finish_reason: str | None = None
@@ -127,8 +148,9 @@ class RowState:
         own, so a seeded request draws the same tokens whatever else is in its batch."""
         return self._random.random()
 
-    def push(self, token_id: int) -> None:
-        """Accept the next sampled token; updates text, finish state, and streams the new text."""
+    def push(self, token_id: int, logprob: tuple[float, tuple[tuple[int, float], ...]] | None = None) -> None:
+        """Accept the next sampled token (with its log-probability and the top alternatives', when the request
+        asked: ``sampling.logprobs``); updates text, finish state, and streams the new text."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if self.request.cancelled.is_set():
@@ -140,6 +162,8 @@ class RowState:
             self._emit(final=True)
             return
         self.ids.append(token_id)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(TokenLogprob(token_id, logprob[0], logprob[1], len(self.text)))
         self._append(self._detok.push(token_id))
         if self.finish_reason is None and len(self.ids) >= self.params.max_tokens:
             self.finish_reason = "length"
@@ -169,11 +193,20 @@ class RowState:
             # A multi-byte character split across tokens decodes as U+FFFD until it is complete.
             while end > self._emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
-        if end > self._emitted:
+        # Log-probabilities go with the delta in which their token's text starts (those of tokens whose text is
+        # held back wait for it); the last delta, possibly empty, carries whatever is left.
+        pending: tuple[TokenLogprob, ...] = ()
+        if self.logprobs is not None:
+            upto = len(self.logprobs)
+            while not final and upto > self._logprobs_emitted and self.logprobs[upto - 1].offset >= end:
+                upto -= 1
+            pending = tuple(self.logprobs[self._logprobs_emitted : upto])
+        if end > self._emitted or (final and pending):
             try:
-                self.request.on_text(self.text[self._emitted : end])
+                self.request.on_text(self.text[self._emitted : end], pending)
             except Exception:
                 # A broken consumer (a stream whose client is gone) cancels its own row, never the batch.
                 log.warning("streaming callback failed; cancelling that request", exc_info=True)
                 self.request.cancelled.set()
-            self._emitted = end
+            self._emitted = max(self._emitted, end)
+            self._logprobs_emitted += len(pending)

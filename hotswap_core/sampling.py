@@ -34,6 +34,8 @@ MIN_TEMPERATURE = 1e-5
 UNIFORM_CEILING = 1.0 - 2.0**-20
 # A row's number for a step where it takes the argmax (temperature 0).
 GREEDY = -1.0
+# What a log-probability of -inf (a token the model rules out) is reported as: JSON has no infinity (vLLM's value).
+LOGPROB_FLOOR = -9999.0
 
 
 class Row(Protocol):
@@ -104,6 +106,32 @@ def sample(
     for i, token in zip(special, chosen.tolist(), strict=True):
         tokens[i] = token
     return tokens
+
+
+def logprobs(
+    logits: torch.Tensor, at: Sequence[int], tokens: Sequence[int], top: Sequence[int]
+) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    """For the rows of ``logits`` [B, V] at ``at``: the log-probability of the token each took (``tokens``) and its
+    ``top[i]`` most likely tokens with theirs, under the model's own distribution (``log_softmax`` of the raw
+    logits: before temperature, top-k and top-p, as vLLM reports by default). Only for rows that ask: one
+    ``log_softmax`` over their vocabulary and one more device -> host transfer, in the steps they run."""
+    device = logits.device
+    lp = torch.log_softmax(logits.index_select(0, torch.tensor(list(at), device=device)).float(), dim=-1)  # [R, V]
+    chosen = lp.gather(1, torch.tensor(list(tokens), device=device)[:, None])  # [R, 1]
+    k = max(top)
+    values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0])  # [R, k], most likely first
+    # One transfer: float64 holds every token id exactly.
+    packed = torch.cat([chosen.double(), values.double(), ids.double()], dim=1).tolist()  # [R, 1 + 2k]
+    out = []
+    for row, n in zip(packed, top, strict=True):
+        alternatives = tuple((int(row[1 + k + j]), _finite(row[1 + j])) for j in range(n))
+        out.append((_finite(row[0]), alternatives))
+    return out
+
+
+def _finite(logprob: float) -> float:
+    """A token the model gives no probability at all has -inf, which JSON cannot carry: vLLM's floor instead."""
+    return max(logprob, LOGPROB_FLOOR)
 
 
 def _filters(row: Row, number: float, vocab: int) -> bool:

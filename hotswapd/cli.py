@@ -20,7 +20,7 @@ from hotswap_core.errors import AdapterRejected, ConfigError, HotswapError
 from hotswapd.client import DEFAULT_SOCKET, EXIT_CONFIG, EXIT_OK, EXIT_REJECTED, EXIT_RUNTIME, run_client_verb
 
 if TYPE_CHECKING:
-    from hotswap_core.engine import WarmupStep
+    from hotswap_core.warmup import WarmupStep
     from hotswapd.daemon import Daemon
     from hotswapd.demo import DemoAssets
 

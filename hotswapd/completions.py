@@ -13,12 +13,12 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from hotswap_core.engine import Engine, EngineBusy, EngineStopped
-from hotswap_core.generation import GenerationRequest, GenerationResult
+from hotswap_core.generation import GenerationRequest, GenerationResult, TokenLogprob
 from hotswap_core.metrics import Metrics
 from hotswap_core.slots import AdapterVersion
 from hotswapd import protocol
@@ -27,6 +27,7 @@ from hotswapd.state import ServingState
 
 log = logging.getLogger("hotswapd.server")
 
+T = TypeVar("T")
 _PARSE_THREADS = 2  # request parsing and tokenisation; a request waits its turn in this pool's queue
 
 
@@ -70,16 +71,22 @@ class Completions:
         def parse() -> protocol.Call:
             body = protocol.parse_json(raw)
             return protocol.parse_chat(
-                body, self._render_chat, self._tokenize, self.engine.max_seq_len, self.engine.sampling_defaults
+                body,
+                self._render_chat,
+                self._tokenize,
+                self.engine.max_seq_len,
+                self.engine.max_batch_size,
+                self.engine.sampling_defaults,
             )
 
         call = await self._off_loop(parse)
         return await self._serve(request, call, chat=True, prefix="chatcmpl")
 
-    async def _off_loop(self, parse: Callable[[], protocol.Call]) -> protocol.Call:
+    async def _off_loop(self, work: Callable[[], T]) -> T:
         """JSON parsing, chat templating and tokenisation on the request threads, never on the event loop (a
-        4 MB prompt takes milliseconds to tokenise; every other connection would wait that long)."""
-        return await asyncio.get_running_loop().run_in_executor(self._parsers, parse)
+        4 MB prompt takes milliseconds to tokenise; every other connection would wait that long); and so the
+        building of a body with log-probabilities (up to 21 entries a token)."""
+        return await asyncio.get_running_loop().run_in_executor(self._parsers, work)
 
     def _require_ready(self) -> None:
         # While draining, a request on a connection accepted before the stop is still served (the drain
@@ -100,23 +107,26 @@ class Completions:
 
     async def _serve(self, request: web.Request, call: Call, *, chat: bool, prefix: str) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        # One ordered queue of ("start", i, version), ("text", i, delta) and ("done", i, future) from
+        # One ordered queue of ("start", i, version), ("text", i, (delta, logprobs)) and ("done", i, future) from
         # the worker thread: call_soon_threadsafe keeps their order, so a row's text precedes its done.
         events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
 
         def post(kind: str, index: int, value: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, index, value))
 
+        def post_text(index: int, text: str, logprobs: tuple[TokenLogprob, ...]) -> None:
+            post("text", index, (text, logprobs))
+
         # A whole answer needs none of these events: its futures alone wake the event loop, once each (every
         # wake-up from the worker costs the loop a turn, and the worker the GIL, mid-step).
         reqs = [
             GenerationRequest(
                 ids,
-                call.params,
-                on_text=functools.partial(post, "text", i) if call.stream else None,
+                params,
+                on_text=functools.partial(post_text, i) if call.stream else None,
                 on_start=functools.partial(post, "start", 0) if call.stream and i == 0 else None,
             )
-            for i, ids in enumerate(call.prompts)
+            for i, (ids, params) in enumerate(call.choices())
         ]
         # Everything the loop does for this request is done before it is submitted: the worker wakes at once
         # and would wait for the GIL while the loop still held it.
@@ -141,7 +151,12 @@ class Completions:
                     return await self._stream(request, rid, call, chat, events)
                 results = list(await asyncio.gather(*answers))
                 self._observe(results)
-                body = protocol.completion_body(rid, self.state.model_id, results, chat)
+
+                def build() -> dict[str, Any]:
+                    model, text = self.state.model_id, self.engine.token_text
+                    return protocol.completion_body(rid, model, results, chat, call.n, text)
+
+                body = build() if call.params.logprobs is None else await self._off_loop(build)
                 return web.json_response(
                     body, headers={"X-Hotswapd-Adapter": protocol.adapter_header(results[0].adapter)}
                 )
@@ -174,18 +189,27 @@ class Completions:
         )
         await response.prepare(request)
 
-        async def send(index: int, text: str | None, finish: str | None = None, first: bool = False) -> None:
-            chunk = protocol.chunk(rid, self.state.model_id, adapter, chat, index, text, finish, first=first)
+        async def send(
+            index: int, text: str | None, finish: str | None = None, first: bool = False, logprobs: Any = None
+        ) -> None:
+            chunk = protocol.chunk(
+                rid, self.state.model_id, adapter, chat, index, text, finish, first=first, logprobs=logprobs
+            )
             await response.write(protocol.sse(chunk))
 
+        choices = len(call.prompts) * call.n
         if chat:
-            for i in range(len(call.prompts)):
+            for i in range(choices):
                 await send(i, "", first=True)
         results: dict[int, GenerationResult] = {}
-        while len(results) < len(call.prompts):
+        while len(results) < choices:
             kind, i, value = await events.get()
             if kind == "text":
-                await send(i, value)
+                text, entries = value
+                wanted = call.params.logprobs is not None
+                await send(
+                    i, text, logprobs=protocol.logprobs_json(entries, chat, self.engine.token_text) if wanted else None
+                )
             elif kind == "done":
                 try:
                     results[i] = value.result()
@@ -197,7 +221,7 @@ class Completions:
         ordered = [results[i] for i in sorted(results)]
         self._observe(ordered)
         if call.include_usage:
-            await response.write(protocol.sse(protocol.usage_chunk(rid, self.state.model_id, chat, ordered)))
+            await response.write(protocol.sse(protocol.usage_chunk(rid, self.state.model_id, chat, ordered, call.n)))
         await response.write(protocol.sse("[DONE]"))
         await response.write_eof()
         return response

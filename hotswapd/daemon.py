@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hotswap_core.config import Config, apply_reload, load_config, split_host_port, swap_roots
-from hotswap_core.engine import Engine, WarmupStep
+from hotswap_core.engine import Engine
 from hotswap_core.errors import ConfigError, HotswapError
 from hotswap_core.history import History, SwapRecord
 from hotswap_core.metrics import Metrics
 from hotswap_core.swap import Swapper
+from hotswap_core.warmup import WarmupStep
 from hotswapd.events import EventBus
 from hotswapd.feed import Feed
 from hotswapd.metrics_server import MetricsServer

@@ -1,8 +1,8 @@
 """The OpenAI wire format: request bodies checked field by field, responses and stream chunks built.
 
 Every problem is an ``ApiError`` naming the parameter (OpenAI's error shape). Fields hotswapd cannot
-honour (``n`` > 1, ``logprobs``, penalties, tools, ...) are refused by name rather than silently
-ignored; fields it does not know (``user``, new client options) are ignored, as vLLM does.
+honour (``echo``, penalties, tools, ...) are refused by name rather than silently ignored; fields it
+does not know (``user``, new client options) are ignored, as vLLM does.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from hotswap_core.generation import GenerationResult, SamplingParams
+from hotswap_core.generation import MAX_LOGPROBS, GenerationResult, SamplingParams, TokenLogprob
 from hotswap_core.history import Superseded, SwapRecord
 from hotswap_core.slots import AdapterVersion
 
@@ -110,17 +110,17 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
 
 # Parameters hotswapd does not implement, with the value that means "not used".
 _NEUTRAL: dict[str, Any] = {
-    "n": 1, "best_of": 1, "echo": False, "logprobs": False, "top_logprobs": 0, "suffix": None,
+    "best_of": 1, "echo": False, "suffix": None,
     "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "tools": [], "functions": [],
     "tool_choice": "none", "response_format": {"type": "text"},
 }  # fmt: skip
 
 
-def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+def _refuse_unsupported(body: dict[str, Any]) -> None:
     """Parameters that would change the result if silently ignored."""
     for name, neutral in _NEUTRAL.items():
         v = body.get(name)
-        if v is None or v == neutral or (name == "logprobs" and v == 0 and not chat):
+        if v is None or v == neutral:
             continue
         if name == "response_format" and isinstance(v, dict) and v.get("type") == "text":
             continue
@@ -157,12 +157,37 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
 
 @dataclass(frozen=True)
 class Call:
-    """A checked request: token ids per prompt and how to sample."""
+    """A checked request: token ids per prompt, how to sample, and ``n`` choices per prompt."""
 
     prompts: list[list[int]]
     params: SamplingParams
     stream: bool
     include_usage: bool
+    n: int = 1
+
+    def choices(self) -> list[tuple[list[int], SamplingParams]]:
+        """One (prompt, params) per choice, in the response's order: prompt ``i``'s ``n`` choices at ``i * n``
+        onwards (OpenAI's order). A seeded request's choice ``j`` draws from ``seed + j``: the same seed gives
+        the same ``n`` texts, and they differ from one another."""
+        seed = self.params.seed
+        per_choice = [
+            self.params if seed is None or j == 0 else replace(self.params, seed=(seed + j) & (2**63 - 1))
+            for j in range(self.n)
+        ]
+        return [(ids, params) for ids in self.prompts for params in per_choice]
+
+
+def _n(body: dict[str, Any], prompts: int, max_rows: int) -> int:
+    """``n``: choices per prompt. Every choice of a request runs at once, in rows of one batch (one version)."""
+    n = _int(body, "n", 1, 1, max_rows)
+    assert n is not None
+    if n * prompts > max_rows:
+        raise bad(
+            f"{prompts} prompts x n={n} is {n * prompts} choices; at most {max_rows} run at once "
+            "(model.max_batch_size)",
+            "n",
+        )
+    return n
 
 
 def _params(
@@ -171,6 +196,7 @@ def _params(
     max_seq_len: int,
     default_max: int | None,
     defaults: Mapping[str, float],
+    logprobs: int | None = None,
 ) -> SamplingParams:
     """``defaults``: the model's generation_config values (temperature, top_p, top_k) for what the body omits."""
     longest = max(len(p) for p in prompts)
@@ -208,6 +234,7 @@ def _params(
         top_k=max(0, top_k or 0),
         min_tokens=min_tokens or 0,
         ignore_eos=ignore_eos,
+        logprobs=logprobs,
     )
 
 
@@ -227,7 +254,7 @@ def parse_completion(
     """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or lists of token ids
     (each below ``vocab_size``: an id past the embedding is refused here, before anything is streamed)."""
     _model(body)
-    _refuse_unsupported(body, chat=False)
+    _refuse_unsupported(body)
     raw = body.get("prompt")
     if raw is None:
         raise bad("prompt is required", "prompt")
@@ -252,7 +279,9 @@ def parse_completion(
         else:
             raise bad("each prompt must be a string or a non-empty list of token ids", "prompt")
     stream, usage = _stream(body)
-    return Call(prompts, _params(body, prompts, max_seq_len, 16, defaults or {}), stream, usage)
+    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)  # the alternatives per token; 0: the token's only
+    params = _params(body, prompts, max_seq_len, 16, defaults or {}, logprobs)
+    return Call(prompts, params, stream, usage, _n(body, len(prompts), max_prompts))
 
 
 def _is_token(t: Any) -> bool:
@@ -264,11 +293,13 @@ def parse_chat(
     render: Callable[[list[dict[str, str]]], str],
     tokenize: Callable[[str], list[int]],
     max_seq_len: int,
+    max_rows: int,
     defaults: Mapping[str, float] | None = None,
 ) -> Call:
-    """``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template."""
+    """``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template; ``max_rows``
+    bounds ``n``."""
     _model(body)
-    _refuse_unsupported(body, chat=True)
+    _refuse_unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
@@ -287,8 +318,21 @@ def parse_chat(
             raise bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
         clean.append({"role": m["role"], "content": content})
     stream, usage = _stream(body)
+    logprobs = _chat_logprobs(body)
+    n = _n(body, 1, max_rows)
     prompt = tokenize(render(clean))
-    return Call([prompt], _params(body, [prompt], max_seq_len, None, defaults or {}), stream, usage)
+    return Call([prompt], _params(body, [prompt], max_seq_len, None, defaults or {}, logprobs), stream, usage, n)
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Chat's ``logprobs`` (true/false) and ``top_logprobs`` (alternatives per token, only with ``logprobs``)."""
+    wanted = body.get("logprobs")
+    if wanted is not None and wanted not in (True, False):  # 0 and 1 too, as a lax JSON schema takes them
+        raise bad(f"logprobs must be true or false, got {json.dumps(wanted)[:40]}", "logprobs")
+    top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top is not None and not wanted:
+        raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 # ---- responses ------------------------------------------------------------------------------------
@@ -323,8 +367,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def usage(results: list[GenerationResult]) -> dict[str, int]:
-    prompt = sum(r.prompt_tokens for r in results)
+def usage(results: list[GenerationResult], n: int = 1) -> dict[str, int]:
+    """Token counts of a response: each prompt counted once, whatever its ``n`` choices (as OpenAI)."""
+    prompt = sum(r.prompt_tokens for r in results[::n])
     completion = sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -333,41 +378,76 @@ def finish_reason(r: GenerationResult) -> str:
     return "length" if r.finish_reason == "length" else "stop"
 
 
-def completion_body(rid: str, model: str, results: list[GenerationResult], chat: bool) -> dict[str, Any]:
+TokenText = Callable[[int], str]  # a token id's own text (``detokenize.TokenTexts``)
+
+
+def logprobs_json(entries: tuple[TokenLogprob, ...] | None, chat: bool, token_text: TokenText) -> dict[str, Any] | None:
+    """Log-probabilities as OpenAI shows them: chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}``
+    (``bytes``: the UTF-8 of the token's text), or the completions API's parallel lists, whose ``top_logprobs``
+    maps each alternative's text to its log-probability and includes the chosen token, as vLLM's does."""
+    if entries is None:
+        return None
+    if chat:
+
+        def item(token_id: int, logprob: float) -> dict[str, Any]:
+            text = token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {
+            "content": [
+                {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries
+            ]
+        }
+    return {
+        "tokens": [token_text(e.token_id) for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [
+            {**{token_text(t): lp for t, lp in e.top}, token_text(e.token_id): e.logprob} for e in entries
+        ],
+        "text_offset": [e.offset for e in entries],
+    }
+
+
+def completion_body(
+    rid: str, model: str, results: list[GenerationResult], chat: bool, n: int = 1, token_text: TokenText = str
+) -> dict[str, Any]:
+    """A whole response; ``n`` choices per prompt (for ``usage``), ``token_text`` names tokens in log-probabilities."""
     if chat:
         choices: list[dict[str, Any]] = [
-            {"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-             "finish_reason": finish_reason(r)}
+            {"index": i, "message": {"role": "assistant", "content": r.text},
+             "logprobs": logprobs_json(r.logprobs, chat, token_text), "finish_reason": finish_reason(r)}
             for i, r in enumerate(results)
         ]  # fmt: skip
     else:
         choices = [
-            {"index": i, "text": r.text, "logprobs": None, "finish_reason": finish_reason(r)}
+            {"index": i, "text": r.text, "logprobs": logprobs_json(r.logprobs, chat, token_text),
+             "finish_reason": finish_reason(r)}
             for i, r in enumerate(results)
-        ]
+        ]  # fmt: skip
     return {
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage(results),
+        "usage": usage(results, n),
         "adapter": adapter_json(results[0].adapter),
     }
 
 
 def chunk(
     rid: str, model: str, adapter: AdapterVersion, chat: bool, index: int, text: str | None, finish: str | None,
-    *, first: bool = False,
+    *, first: bool = False, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One stream chunk; ``text=None`` with ``finish`` set is a choice's last chunk."""
+    """One stream chunk; ``text=None`` with ``finish`` set is a choice's last chunk; ``logprobs``: those of the
+    tokens whose text starts in this chunk (``logprobs_json``)."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     return {
         "id": rid,
         "object": "chat.completion.chunk" if chat else "text_completion",
@@ -378,14 +458,14 @@ def chunk(
     }
 
 
-def usage_chunk(rid: str, model: str, chat: bool, results: list[GenerationResult]) -> dict[str, Any]:
+def usage_chunk(rid: str, model: str, chat: bool, results: list[GenerationResult], n: int = 1) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": [],
-        "usage": usage(results),
+        "usage": usage(results, n),
     }
 
 

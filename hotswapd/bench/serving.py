@@ -318,7 +318,7 @@ class ServingBench:
 
     def sampling_cost(self) -> dict[str, list[float]]:
         """Tokens/s of ``MIXED_CLIENTS`` // 2 clients at temperature 0 and at temperature 1 (no top-k/top-p),
-        and 1 with top_p 0.9 and top_k 50 (the sort), in turns."""
+        1 with top_p 0.9 and top_k 50 (the sort), and greedy with 5 log-probabilities a token, in turns."""
         from hotswapd.bench.stats import closed_loop
 
         s = self.sizes
@@ -336,6 +336,7 @@ class ServingBench:
                 "temperature_0": (turn(), s.rounds),
                 "temperature_1": (turn(temperature=1.0, top_p=1.0, top_k=0), s.rounds),
                 "temperature_1_top_p_top_k": (turn(temperature=1.0, top_p=0.9, top_k=50), s.rounds),
+                "temperature_0_logprobs_5": (turn(logprobs=5), s.rounds),
             }
         )
 

@@ -114,9 +114,8 @@ def sampling(figures: dict[str, ModelFigures]) -> dict[str, Any]:
     for m in figures:
         greedy = c[f"{m}/temperature_0"]["median"]
         ratios[f"{m}/temperature_1/temperature_0"] = ratio(c[f"{m}/temperature_1"]["median"], greedy)
-        ratios[f"{m}/temperature_1_top_p_top_k/temperature_0"] = ratio(
-            c[f"{m}/temperature_1_top_p_top_k"]["median"], greedy
-        )
+        for other in ("temperature_1_top_p_top_k", "temperature_0_logprobs_5"):
+            ratios[f"{m}/{other}/temperature_0"] = ratio(c[f"{m}/{other}"]["median"], greedy)
     return {
         "contenders": c,
         "ratios": ratios,

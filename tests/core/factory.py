@@ -45,3 +45,14 @@ def eager_last_logits(base: Path, adapter: Path | None, prompts: list[str], toke
             ids = torch.tensor([tokenizer.encode(p, add_special_tokens=False)])
             rows.append(model(input_ids=ids).logits[0, -1].float())
     return torch.stack(rows)  # [B, V]
+
+
+def eager_logprobs(base: Path, adapter: Path | None, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """Reference: a fresh eager model's log-softmax [T, V] at each position of ``completion`` after ``prompt``,
+    by teacher forcing (one forward over the prompt and the completion)."""
+    model: Any = AutoModelForCausalLM.from_pretrained(base).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].float()  # [L, V]
+    return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(completion)], dim=-1)

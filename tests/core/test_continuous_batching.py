@@ -79,7 +79,7 @@ def _after_tokens(n: int) -> tuple[threading.Event, Any]:
     """An event set once a stream has delivered ``n`` chunks (demo tokenizer: one character per token)."""
     seen, count = threading.Event(), [0]
 
-    def on_text(_t: str) -> None:
+    def on_text(_t: str, _logprobs: Any) -> None:
         count[0] += 1
         if count[0] >= n:
             seen.set()

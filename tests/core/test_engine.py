@@ -14,7 +14,7 @@ from hotswap_core.history import History
 from hotswap_core.slots import BASE_VERSION
 from hotswap_core.swap import Swapper
 
-from .factory import eager_last_logits, make_adapter
+from .factory import eager_last_logits, eager_logprobs, make_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +164,7 @@ def test_a_finished_row_is_answered_at_once_not_when_the_batch_ends(engine: Any)
     the long one in the same batch has streamed no more than that."""
     streamed: list[str] = []
     long = GenerationRequest(
-        "Hello =>", SamplingParams(max_tokens=150, ignore_eos=True), on_text=lambda t: streamed.append(t)
+        "Hello =>", SamplingParams(max_tokens=150, ignore_eos=True), on_text=lambda t, _lp: streamed.append(t)
     )
     short = GenerationRequest("Hello =>", SamplingParams(max_tokens=2, ignore_eos=True))
     seen_at: list[int] = []
@@ -182,7 +182,9 @@ def test_stop_strings_and_streaming(engine: Any) -> None:
     assert len(full.text) > 3
     stop = full.text[2:4]
     chunks: list[str] = []
-    req = GenerationRequest("Hello =>", SamplingParams(max_tokens=10, stop=(stop,)), on_text=chunks.append)
+    req = GenerationRequest(
+        "Hello =>", SamplingParams(max_tokens=10, stop=(stop,)), on_text=lambda t, _lp: chunks.append(t)
+    )
     res = engine.submit(req).result(60)
     assert res.finish_reason == "stop"
     assert res.text == full.text[: full.text.index(stop)]
@@ -199,11 +201,11 @@ def test_max_seq_len_is_enforced(engine: Any) -> None:
 def test_cancelled_requests(engine: Any) -> None:
     before = GenerationRequest("Hello", SamplingParams(max_tokens=200))
     before.cancelled.set()
-    concurrent.futures.wait([engine.submit(before)], timeout=30)
-    assert before.future.cancelled()
+    done, _ = concurrent.futures.wait([engine.submit(before)], timeout=30)
+    assert before.future in done and before.future.cancelled()  # wait() was woken (it was not by cancel() alone)
 
     during = GenerationRequest("Hello", SamplingParams(max_tokens=200, temperature=1.0, seed=1))
-    during.on_text = lambda _text: during.cancelled.set()  # the client disconnects after the first chunk
+    during.on_text = lambda _text, _lp: during.cancelled.set()  # the client disconnects after the first chunk
     res = engine.submit(during).result(60)
     assert res.finish_reason == "cancelled"
     assert res.completion_tokens < 20
@@ -247,7 +249,7 @@ def test_the_cpu_compiles_with_the_cpp_wrapper(
 
 
 def test_a_failing_stream_consumer_cancels_only_its_own_request(engine: Any) -> None:
-    def broken(_text: str) -> None:
+    def broken(_text: str, _logprobs: Any) -> None:
         raise BrokenPipeError("client went away")
 
     bad = GenerationRequest("Hello =>", SamplingParams(max_tokens=30, temperature=1.0, seed=3), on_text=broken)
@@ -256,3 +258,40 @@ def test_a_failing_stream_consumer_cancels_only_its_own_request(engine: Any) -> 
     engine.submit(good)
     assert bad.future.result(60).finish_reason == "cancelled"
     assert good.future.result(60).finish_reason in ("stop", "length")
+
+
+def test_logprobs_are_the_models_own_whatever_shares_the_batch(
+    engine: Any, demo_config: Any, demo_assets: Any, adapters: dict[str, Path], tokenizer: Any
+) -> None:
+    """Each generated token's log-probability and its top alternatives equal a fresh eager PeftModel's
+    log-softmax at that position (the raw distribution: a drawing row at temperature 1.7 reports the same
+    values), for rows that ask beside rows that do not, whose tokens do not change."""
+    assert Swapper(engine, demo_config.validation, History(None)).swap(adapters["r8_full"]).result == "success"
+    prompts = ["Hello =>", "The quick brown fox =>", "abc"]
+    plain = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    asking = [
+        SamplingParams(max_tokens=12, ignore_eos=True, logprobs=5),
+        SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.7, seed=4, logprobs=0),
+        SamplingParams(max_tokens=12, ignore_eos=True),
+    ]
+    mixed = [
+        f.result(60)
+        for f in engine.submit_group([GenerationRequest(p, sp) for p, sp in zip(prompts, asking, strict=True)])
+    ]
+    assert mixed[0].token_ids == plain[0].token_ids and mixed[2].token_ids == plain[2].token_ids
+    assert mixed[2].logprobs is None and plain[0].logprobs is None
+    for result, prompt, top in ((mixed[0], prompts[0], 5), (mixed[1], prompts[1], 0)):
+        assert result.logprobs is not None and len(result.logprobs) == result.completion_tokens == 12
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        want = eager_logprobs(demo_assets.base, adapters["r8_full"], ids, list(result.token_ids))  # [12, V]
+        for t, entry in enumerate(result.logprobs):
+            assert entry.token_id == result.token_ids[t] and len(entry.top) == top
+            assert entry.logprob == pytest.approx(float(want[t, entry.token_id]), abs=ATOL)
+            assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+            for rank, (token, lp) in enumerate(entry.top):
+                assert lp == pytest.approx(float(want[t, token]), abs=ATOL)
+                assert lp == pytest.approx(float(want[t].topk(top).values[rank]), abs=ATOL)
+    greedy = mixed[0].logprobs
+    assert greedy is not None and all(e.top[0][0] == e.token_id for e in greedy)  # greedy takes the most likely
+    assert [e.offset for e in greedy] == sorted(e.offset for e in greedy) and greedy[0].offset == 0
+    assert max(e.offset for e in greedy) < len(mixed[0].text)

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from hotswap_core.detokenize import IncrementalDetokenizer
-from hotswap_core.generation import GenerationRequest, RowState, SamplingParams
+from hotswap_core.generation import GenerationRequest, RowState, SamplingParams, TokenLogprob
 from hotswap_core.sampling import sample
 from hotswapd.demo import DemoAssets
 
@@ -159,7 +159,9 @@ def test_rows_stop_strings_and_streams_match_a_full_decode(
         stops = tuple(rng.sample(["END", "🚀 d", "m i", "\n\n", "本 l", "zzz"], rng.randrange(0, 3)))
         max_tokens = rng.randrange(1, len(ids) + 1)
         streamed: list[str] = []
-        request = GenerationRequest("x", SamplingParams(max_tokens=max_tokens, stop=stops), on_text=streamed.append)
+        request = GenerationRequest(
+            "x", SamplingParams(max_tokens=max_tokens, stop=stops), on_text=lambda t, _lp, into=streamed: into.append(t)
+        )
         row = RowState(request, [0], decode, frozenset())
         for token in ids:
             row.push(token)
@@ -168,6 +170,36 @@ def test_rows_stop_strings_and_streams_match_a_full_decode(
         assert (row.text, row.finish_reason) == _reference(decode, ids, stops, max_tokens), (text, stops)
         assert "".join(streamed) == row.text
         assert not any(s in d for d in streamed for s in stops if s)
+
+
+def test_streamed_logprobs_come_with_the_text_their_tokens_start(
+    demo_decode: tuple[Decode, int], demo_tokenizer: Any
+) -> None:
+    """Every token's log-probabilities are streamed once, in order, with the delta in which its text starts
+    (those of a character split across tokens wait for it, as does text held back for a stop string); the
+    last delta, possibly empty, carries the rest."""
+    decode, _ = demo_decode
+    rng = random.Random(5)
+    words = ["lorem ", "é🚀 ", "日本 ", "END", "\n"]
+    for _ in range(200):
+        ids = list(demo_tokenizer.encode("".join(rng.choice(words) for _ in range(8)), add_special_tokens=False))
+        stops = tuple(rng.sample(["END", "🚀 l", "本 ", "zzz"], rng.randrange(0, 3)))
+        streamed: list[tuple[str, tuple[TokenLogprob, ...]]] = []
+        params = SamplingParams(max_tokens=rng.randrange(1, len(ids) + 1), stop=stops, logprobs=1)
+        request = GenerationRequest("x", params, on_text=lambda t, lp, into=streamed: into.append((t, lp)))
+        row = RowState(request, [0], decode, frozenset())
+        for n, token in enumerate(ids):
+            row.push(token, (-float(n), ((token, -float(n)),)))
+            if row.done:
+                break
+        assert row.logprobs is not None and [e.token_id for e in row.logprobs] == row.ids
+        assert [e for _, entries in streamed for e in entries] == row.logprobs
+        assert "".join(t for t, _ in streamed) == row.text
+        start = 0
+        for k, (delta, entries) in enumerate(streamed):
+            last = k == len(streamed) - 1
+            assert all(start <= e.offset and (last or e.offset < start + len(delta)) for e in entries), streamed
+            start += len(delta)
 
 
 EOS = 258  # the demo tokenizer's eos_token_id

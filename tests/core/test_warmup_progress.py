@@ -3,41 +3,39 @@ the mean step)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
 
-from hotswap_core.config import Config
-from hotswap_core.engine import Engine, WarmupStep
+from hotswap_core.warmup import WarmupStep, estimate, warmup_plan
 from hotswapd.demo import DemoAssets
 
 BATCHES, LENGTHS = (1, 2, 4, 8), (2, 3, 128, 252)
 PLAN = [(b, n) for b in BATCHES for n in LENGTHS]
 
 
-def _engine(demo_config: Config, dynamic: bool | None = True) -> Engine:
-    compile_cfg = dataclasses.replace(demo_config.model.compile, dynamic=dynamic)
-    return Engine(dataclasses.replace(demo_config, model=dataclasses.replace(demo_config.model, compile=compile_cfg)))
+def test_the_plan_runs_every_decode_bucket_with_short_and_long_prompts() -> None:
+    assert warmup_plan(BATCHES, 256) == PLAN
+    assert warmup_plan((1,), 6) == [(1, 2), (1, 3)]  # tiny contexts: no duplicate lengths
 
 
-def test_no_estimate_before_a_compiling_step_is_done(demo_config: Config) -> None:
-    assert _engine(demo_config)._eta(PLAN, [], set()) is None
-    assert _engine(demo_config)._eta(PLAN[2:], [(0.01, False), (0.01, False)], {1}) is None
+def test_no_estimate_before_a_compiling_step_is_done() -> None:
+    assert estimate(PLAN, [], set(), dynamic=True) is None
+    assert estimate(PLAN[2:], [(0.01, False), (0.01, False)], {1}, dynamic=True) is None
 
 
-def test_estimate_counts_the_compiles_still_to_come(demo_config: Config) -> None:
+def test_estimate_counts_the_compiles_still_to_come() -> None:
     """Measured on a cold cache (2 cores): the first step of each batch size compiles (its decode graph, and
     prefill for batch 1 and 2), everything else takes milliseconds. After step 1 the estimate must be the
     three batch sizes still to come, not 15 x the first step (what the mean step time gave)."""
-    eta = _engine(demo_config)._eta(PLAN[1:], [(30.0, True)], {1})
+    eta = estimate(PLAN[1:], [(30.0, True)], {1}, dynamic=True)
     assert eta is not None and 3 * 29 < eta < 3 * 31
     # After batch 2 compiled, batches 4 and 8 still do, once each.
     took = [(30.0, True), (0.01, False), (0.01, False), (0.02, False), (20.0, True)]
-    eta = _engine(demo_config)._eta(PLAN[5:], took, {1, 2})
+    eta = estimate(PLAN[5:], took, {1, 2}, dynamic=True)
     assert eta is not None and 2 * 24 < eta < 2 * 26
     # Without dynamic shapes, every prefill shape compiles: every step left, at 25 s each.
-    eta = _engine(demo_config, dynamic=False)._eta(PLAN[5:], took, {1, 2})
+    eta = estimate(PLAN[5:], took, {1, 2}, dynamic=False)
     assert eta is not None and 11 * 24 < eta < 11 * 26
 
 

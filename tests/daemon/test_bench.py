@@ -33,7 +33,9 @@ CONTENDERS = {
     "ttft_under_load": {"demo/alone", "demo/8_clients_mixed"},
     "commit_to_live_under_load_seconds": {"demo/commit", "demo/decode_step", "demo/stage",
                                           "demo/swap_answered_to_completion"},
-    "sampling_cost": {"demo/temperature_0", "demo/temperature_1", "demo/temperature_1_top_p_top_k"},
+    "sampling_cost": {
+        "demo/temperature_0", "demo/temperature_1", "demo/temperature_1_top_p_top_k", "demo/temperature_0_logprobs_5"
+    },
     "vs_transformers_generate": {"demo/hotswapd_8_clients", "demo/transformers_generate_batch_8"},
 }  # fmt: skip
 PHASES = {"detect", "validate", "load", "stage", "verify", "commit"}

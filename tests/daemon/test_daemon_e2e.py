@@ -220,6 +220,60 @@ def test_what_load_generators_written_for_vllm_send(daemon: DaemonProcess) -> No
     assert out.stdout == '{"status": "ok"} 200', out.stdout
 
 
+def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess) -> None:
+    """``n`` choices per prompt and each token's log-probabilities with its top alternatives, whole and
+    streamed (the same values either way), through the real openai client."""
+    import httpx2
+    import openai
+
+    http = httpx2.Client(transport=httpx2.HTTPTransport(uds=str(daemon.sock)))
+    client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
+    whole = client.completions.create(
+        model="m", prompt=["Hello =>", "abc"], max_tokens=8, temperature=0, n=2, logprobs=3
+    )
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    assert whole.choices[0].text == whole.choices[1].text != whole.choices[2].text == whole.choices[3].text
+    alone = client.completions.create(model="m", prompt="Hello =>", max_tokens=8, temperature=0, logprobs=3)
+    assert alone.usage is not None and whole.usage is not None
+    assert whole.usage.prompt_tokens == alone.usage.prompt_tokens + 3  # each prompt once ("abc": 3 bytes, 3 tokens)
+    lps = [c.logprobs for c in whole.choices]
+    assert whole.usage.completion_tokens == sum(len(lp.tokens or []) for lp in lps if lp is not None)
+    lp = lps[0]
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset is not None
+    assert "".join(lp.tokens) == whole.choices[0].text and all(t <= 0 for t in lp.token_logprobs)
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[token] == chosen == max(top.values()) and len(top) <= 4  # texts may collide (U+FFFD bytes)
+    single = alone.choices[0].logprobs  # the same prompt alone (another decode bucket): the same values
+    assert single is not None and single.tokens == lp.tokens and single.token_logprobs is not None
+    assert single.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+    seeded = [
+        [c.text for c in client.completions.create(model="m", prompt="Hello =>", max_tokens=12, temperature=1.8,
+                                                   n=3, seed=5).choices]
+        for _ in range(2)
+    ]  # fmt: skip
+    assert seeded[0] == seeded[1] and len(set(seeded[0])) > 1, seeded  # reproducible, and the choices differ
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2, n=2
+    )  # type: ignore[call-overload]
+    content = chat.choices[1].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and "".join(t.token for t in content) == chat.choices[1].message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in content)
+    assert all(bytes(t.bytes or []) == t.token.encode() for t in content)
+    streamed: dict[int, list[Any]] = {0: [], 1: []}
+    for part in client.chat.completions.create(
+        model="m", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2, n=2, stream=True
+    ):  # type: ignore[call-overload]
+        for choice in part.choices:
+            streamed[choice.index] += choice.logprobs.content if choice.logprobs else []
+    assert [t.token for t in streamed[1]] == [t.token for t in content]
+    assert [t.logprob for t in streamed[1]] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    assert [t.token for t in streamed[0]] == [t.token for t in streamed[1]]  # n=2 greedy: the same text
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "param"),
     [
@@ -230,7 +284,15 @@ def test_what_load_generators_written_for_vllm_send(daemon: DaemonProcess) -> No
         ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": 10000000000000000000000}', 400, "max_tokens"),
         ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": "8"}', 400, "max_tokens"),
         ("POST", "/v1/completions", b'{"prompt": "x", "temperature": "hot"}', 400, "temperature"),
-        ("POST", "/v1/completions", b'{"prompt": "x", "n": 2}', 400, "n"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "n": 9}', 400, "n"),  # more choices than rows
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
+            400,
+            "top_logprobs",
+        ),  # without logprobs: true
+        ("POST", "/v1/completions", b'{"prompt": "x", "logprobs": 21}', 400, "logprobs"),
         ("POST", "/v1/chat/completions", b'{"messages": "hi"}', 400, "messages"),
         ("POST", "/v1/completions", b'{"prompt": "' + b"x" * MAX_BODY + b'"}', 413, None),
         ("POST", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400, None),

@@ -250,8 +250,8 @@ VALID_OPTIONS = {
     "stream": st.booleans(),
     "model": st.text(max_size=24),
     "user": st.text(max_size=24),
-    "n": st.just(1),
-    "logprobs": st.sampled_from([None, 0]),
+    "n": st.sampled_from([1, 2]),
+    "logprobs": st.sampled_from([None, 0, 1]),  # completions: 0 or 1 alternatives; chat: false or true
     "echo": st.just(False),
     "logit_bias": st.just({}),
     "response_format": st.just({"type": "text"}),
@@ -271,8 +271,9 @@ FUZZED_OPTIONS = {
     **{name: valid | JUNK for name, valid in VALID_OPTIONS.items()},
     "seed": st.integers() | BIG_INTS | JUNK,
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | JUNK,
-    "n": st.sampled_from([1, 2]) | JUNK,
-    "logprobs": st.sampled_from([None, 0, False, True, 5]) | JUNK,
+    "n": st.sampled_from([1, 2, 3, 9]) | JUNK,
+    "logprobs": st.sampled_from([None, 0, False, True, 5, 21]) | JUNK,
+    "top_logprobs": st.integers(-1, 21) | JUNK,
     "echo": st.booleans() | JUNK,
 }
 FUZZED_PROMPTS = (

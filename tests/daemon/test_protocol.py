@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -9,13 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotswap_core.generation import GenerationResult
+from hotswap_core.generation import GenerationResult, TokenLogprob
 from hotswap_core.slots import AdapterVersion
 from hotswapd.protocol import (
     ApiError,
     Call,
     chunk,
     completion_body,
+    logprobs_json,
     parse_chat,
     parse_completion,
     parse_json,
@@ -39,7 +41,7 @@ def comp(**body: Any) -> Call:
 
 
 def chat(**body: Any) -> Call:
-    return parse_chat({"messages": [{"role": "user", "content": "hi"}], **body}, render, tok, SEQ)
+    return parse_chat({"messages": [{"role": "user", "content": "hi"}], **body}, render, tok, SEQ, 4)
 
 
 def refused(fn: Any, body: dict[str, Any], param: str | None, code: str | None = None) -> ApiError:
@@ -142,7 +144,7 @@ def test_model_generation_config_fills_what_the_request_omits() -> None:
     assert (p.temperature, p.top_p, p.top_k) == (0.7, 0.8, 20)
     p = parse_completion({"prompt": "hi", "temperature": 0, "top_p": 1, "top_k": -1}, tok, SEQ, 4, defaults).params
     assert (p.temperature, p.top_p, p.top_k) == (0.0, 1.0, 0)
-    p = parse_chat({"messages": [{"role": "user", "content": "x"}]}, render, tok, SEQ, defaults).params
+    p = parse_chat({"messages": [{"role": "user", "content": "x"}]}, render, tok, SEQ, 4, defaults).params
     assert (p.temperature, p.top_p, p.top_k) == (0.7, 0.8, 20)
 
 
@@ -180,7 +182,7 @@ def test_stream_refused(body: dict[str, Any], param: str) -> None:
 
 @pytest.mark.parametrize(
     "name, value",
-    [("n", 2), ("best_of", 3), ("logprobs", 5), ("echo", True), ("presence_penalty", 0.5),
+    [("best_of", 3), ("echo", True), ("presence_penalty", 0.5),
      ("frequency_penalty", -1), ("logit_bias", {"1": 5}), ("suffix", "x"), ("tools", [{}])],
 )  # fmt: skip
 def test_unsupported_parameters_refused(name: str, value: Any) -> None:
@@ -191,8 +193,42 @@ def test_unsupported_parameters_refused(name: str, value: Any) -> None:
 
 def test_neutral_and_unknown_fields_accepted() -> None:
     body = {"n": 1, "logprobs": None, "echo": False, "logit_bias": {}, "user": "u", "foo": [1], "model": "m"}
-    assert comp(**body).prompts == [[104, 105]] and comp(logprobs=0).prompts == [[104, 105]]
-    refused(chat, {"logprobs": True}, "logprobs", "unsupported_parameter")
+    assert comp(**body).prompts == [[104, 105]] and comp(**body).params.logprobs is None
+    assert chat(logprobs=False, n=None).params.logprobs is None
+
+
+def test_logprobs_parameters() -> None:
+    """Completions: ``logprobs`` k in [0, 20] (0: the chosen token's alone). Chat: ``logprobs`` true/false and
+    ``top_logprobs`` k, which needs it."""
+    assert [comp(logprobs=k).params.logprobs for k in (0, 5, 20)] == [0, 5, 20]
+    assert chat(logprobs=True).params.logprobs == 0 and chat(logprobs=True, top_logprobs=3).params.logprobs == 3
+    assert chat(logprobs=1, top_logprobs=20).params.logprobs == 20
+    for bad_value in (-1, 21, True, "3", 1.5):
+        refused(comp, {"logprobs": bad_value}, "logprobs")
+    for bad_value in (2, "yes", [True]):
+        refused(chat, {"logprobs": bad_value}, "logprobs")
+    refused(chat, {"top_logprobs": 2}, "top_logprobs")  # without logprobs: true
+    refused(chat, {"logprobs": False, "top_logprobs": 2}, "top_logprobs")
+    refused(chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs")
+
+
+def test_n_choices_and_their_seeds() -> None:
+    """``n`` choices per prompt, prompt by prompt; a seeded request's choice j draws from seed + j; every choice
+    of a request must fit the engine's rows at once (``max_prompts``: 4 here)."""
+    call = comp(prompt=["ab", "c"], n=2, seed=2**63 - 1, temperature=1)
+    assert [(ids, p.seed) for ids, p in call.choices()] == [
+        ([97, 98], 2**63 - 1),
+        ([97, 98], 0),
+        ([99], 2**63 - 1),
+        ([99], 0),
+    ]
+    assert [p.seed for _, p in comp(n=3).choices()] == [None] * 3
+    assert len(chat(n=4).choices()) == 4
+    for bad_value in (0, 5, True, "2"):
+        refused(comp, {"n": bad_value}, "n")
+    err = refused(comp, {"prompt": ["a", "b", "c"], "n": 2}, "n")
+    assert "3 prompts x n=2 is 6 choices; at most 4" in err.message
+    refused(chat, {"n": 5}, "n")
 
 
 @pytest.mark.parametrize("model", [1, ["m"], {"id": "m"}, True])
@@ -278,6 +314,31 @@ def test_chunks() -> None:
         assert u["object"] == obj and u["choices"] == [] and u["usage"] == USAGE
 
 
+def test_logprobs_and_n_in_bodies_and_chunks() -> None:
+    texts = {1: "a", 2: "é", 3: "<eos>"}
+    entries = (TokenLogprob(1, -0.5, ((1, -0.5), (2, -1.25)), 0), TokenLogprob(2, -2.0, ((1, -0.1), (3, -1.0)), 1))
+    answers = [dataclasses.replace(result("aé", 2, 3, "length"), logprobs=entries) for _ in range(2)]
+    body = completion_body("rid", "m", answers, False, 2, texts.__getitem__)
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}  # one prompt, n=2
+    assert body["choices"][1]["logprobs"] == {
+        "tokens": ["a", "é"],
+        "token_logprobs": [-0.5, -2.0],
+        "top_logprobs": [{"a": -0.5, "é": -1.25}, {"a": -0.1, "<eos>": -1.0, "é": -2.0}],  # the chosen one too
+        "text_offset": [0, 1],
+    }
+    chat_body = completion_body("rid", "m", answers[:1], True, 1, texts.__getitem__)
+    assert chat_body["choices"][0]["logprobs"]["content"][1] == {
+        "token": "é", "logprob": -2.0, "bytes": [195, 169],
+        "top_logprobs": [{"token": "a", "logprob": -0.1, "bytes": [97]},
+                         {"token": "<eos>", "logprob": -1.0, "bytes": [60, 101, 111, 115, 62]}],
+    }  # fmt: skip
+    assert completion_body("rid", "m", RESULTS, True)["choices"][0]["logprobs"] is None
+    streamed = chunk("rid", "m", AD, True, 1, "é", None, logprobs=logprobs_json(entries[1:], True, texts.__getitem__))
+    assert streamed["choices"][0]["logprobs"]["content"][0]["token"] == "é"
+    assert usage_chunk("rid", "m", False, answers, 2)["usage"]["prompt_tokens"] == 3
+    json.dumps(body), json.dumps(chat_body)
+
+
 def test_sse() -> None:
     assert sse("[DONE]") == b"data: [DONE]\n\n"
     raw = sse({"a": "é"})
@@ -308,6 +369,7 @@ def test_any_body_is_a_call_or_a_400(body: dict[str, Any], with_prompt: bool) ->
         assert err.status == 400 and err.body()["error"]["type"] == "invalid_request_error"
     else:
         assert isinstance(call, Call) and 1 <= call.params.max_tokens <= SEQ - max(map(len, call.prompts))
+        assert 1 <= len(call.choices()) <= 4 and (call.params.logprobs is None or 0 <= call.params.logprobs <= 20)
 
 
 @pytest.mark.parametrize("prompt", [[1_000_000, 5], [[5], [259]], [[3, 4], [300, 2]]])
