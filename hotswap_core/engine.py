@@ -27,7 +27,7 @@ import torch
 from hotswap_core.config import Config
 from hotswap_core.detokenize import TokenTexts
 from hotswap_core.errors import EngineError
-from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams
+from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams, Scored
 from hotswap_core.runner import ModelRunner, StepOutput, resolve_device, resolve_dtype, resolve_mode
 from hotswap_core.sampling import logprobs, sample, uniforms
 from hotswap_core.scheduler import Group, Row, RowTable
@@ -334,9 +334,7 @@ class Engine:
                 self._retire(row)
 
     @staticmethod
-    def _logprobs(
-        rows: list[Row], out: StepOutput, tokens: list[int]
-    ) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:
+    def _logprobs(rows: list[Row], out: StepOutput, tokens: list[int]) -> dict[int, Scored]:
         """The log-probabilities of the rows that asked for them (index into ``rows`` -> ``sampling.logprobs``)."""
         asking = [i for i, row in enumerate(rows) if row.state.params.logprobs is not None]
         if not asking:

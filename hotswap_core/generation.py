@@ -20,6 +20,8 @@ from hotswap_core.slots import AdapterVersion
 
 log = logging.getLogger("hotswapd.engine")
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
+# A token's log-probability, and its step's most likely tokens as (id, log-probability), most likely first.
+Scored = tuple[float, tuple[tuple[int, float], ...]]
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ class RowState:
         own, so a seeded request draws the same tokens whatever else is in its batch."""
         return self._random.random()
 
-    def push(self, token_id: int, logprob: tuple[float, tuple[tuple[int, float], ...]] | None = None) -> None:
+    def push(self, token_id: int, logprob: Scored | None = None) -> None:
         """Accept the next sampled token (with its log-probability and the top alternatives', when the request
         asked: ``sampling.logprobs``); updates text, finish state, and streams the new text."""
         if self.first_token_at is None:

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
+from hotswap_core.generation import Scored
+
 log = logging.getLogger("hotswapd.engine")
 
 # Below this temperature a draw is the argmax (logits / T overflows long before T reaches 0 in float32).
@@ -108,9 +110,7 @@ def sample(
     return tokens
 
 
-def logprobs(
-    logits: torch.Tensor, at: Sequence[int], tokens: Sequence[int], top: Sequence[int]
-) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+def logprobs(logits: torch.Tensor, at: Sequence[int], tokens: Sequence[int], top: Sequence[int]) -> list[Scored]:
     """For the rows of ``logits`` [B, V] at ``at``: the log-probability of the token each took (``tokens``) and its
     ``top[i]`` most likely tokens with theirs, under the model's own distribution (``log_softmax`` of the raw
     logits: before temperature, top-k and top-p, as vLLM reports by default). Only for rows that ask: one
