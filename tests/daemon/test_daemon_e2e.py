@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -186,6 +187,21 @@ def test_openai_client_and_curl(daemon: DaemonProcess) -> None:
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert json.loads(out.stdout)["choices"][0]["text"].startswith(" alpha")
+
+
+def test_the_readmes_openai_client_example_verbatim(daemon: DaemonProcess) -> None:
+    """The README's ``openai`` example, as a user pastes it, with only the socket path changed."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("#### With the official `openai` Python client", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "/run/hotswapd/hotswapd.sock" in code
+    code = code.replace("/run/hotswapd/hotswapd.sock", str(daemon.sock))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(" alpha") and " again\n" in out.stdout, out.stdout  # the text, the live version
+    choices = out.stdout.splitlines()[-2:]  # the texts as repr(): one line each
+    assert [line.split(" ", 1)[0] for line in choices] == ["0", "1"], out.stdout
+    assert all(line.count("{") == 1 and ": -" in line for line in choices), out.stdout  # log-probabilities
 
 
 def test_what_load_generators_written_for_vllm_send(daemon: DaemonProcess) -> None:

@@ -105,3 +105,22 @@ def test_hundred_swaps_no_recompile_no_rerecording(cuda_engine: Any, swapper: Sw
         torch.compiler.set_stance("default")
     assert cuda_engine.recompilations == 0
     assert _cudagraph_counters() == before, "CUDA graphs were skipped or re-recorded during the swaps"
+
+
+def test_logprobs_read_from_the_replayed_graph(cuda_engine: Any, swapper: Swapper, demo_assets: Any) -> None:
+    """Log-probabilities come from the decode graph's output before the next replay overwrites it: each greedy
+    token has its step's largest log-probability, for a request beside rows that do not ask, on both adapters,
+    without a recompile. (Written without a GPU to run it on: see the README.)"""
+    asking = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        for adapter in (demo_assets.alpha, demo_assets.bravo):
+            assert swapper.swap(adapter).result in ("success", "unchanged")
+            requests = [GenerationRequest(p, asking if i == 1 else SamplingParams(max_tokens=12)) for i, p in
+                        enumerate(PROMPTS)]  # fmt: skip
+            res = [f.result(60) for f in cuda_engine.submit_group(requests)][1]
+            assert res.logprobs is not None and len(res.logprobs) == 12
+            for e in res.logprobs:
+                assert e.logprob == e.top[0][1] <= 0 and len(e.top) == 3  # bf16 ties: the value, not the id
+    finally:
+        torch.compiler.set_stance("default")
