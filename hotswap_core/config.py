@@ -288,6 +288,11 @@ def _check_values(c: Config) -> list[str]:
         "source.hub.keep_versions": c.source.hub.keep_versions,
     }
     p += [f"{k}: must be > 0, got {v!r}" for k, v in positive.items() if v <= 0]
+    if 0 < c.server.max_queue < c.model.max_batch_size:  # else a request with that many prompts x n waits forever
+        p.append(
+            f"server.max_queue: must be >= model.max_batch_size ({c.model.max_batch_size}), got "
+            f"{c.server.max_queue}: a request's prompts and choices are queued together"
+        )
     if isinstance(c.model.cpu_threads, int) and c.model.cpu_threads < 1:
         p.append(f"model.cpu_threads: must be 'auto' or >= 1, got {c.model.cpu_threads}")
     if c.adapter.target_rank < 1:

@@ -311,12 +311,7 @@ class Engine:
             self._sample(rows, forward(rows, numbers), numbers)
         except Exception as exc:
             log.exception("a step over %d rows failed", len(rows))
-            for row in rows:
-                if self.table.rows[row.index] is row:
-                    self.table.retire(row)
-                    self.slots.unpin(row.slot)
-                if not row.state.request.future.done():
-                    row.state.request.future.set_exception(EngineError(f"generation failed: {exc}"))
+            self._fail(rows, exc)
         self.last_loop_at = time.monotonic()  # a long generation is still a turning worker
 
     def _sample(self, rows: list[Row], out: StepOutput, numbers: list[float]) -> None:
@@ -327,21 +322,31 @@ class Engine:
                 row.logits = out.logits[out.at[i]].float().cpu()
         states = [r.state for r in rows]
         tokens = sample(out.logits, states, numbers, out.tokens, out.at)
-        scored = self._logprobs(rows, out, tokens)
+        asking = [i for i, row in enumerate(rows) if row.state.params.logprobs is not None]
+        scored: dict[int, Scored] = {}
+        if asking:
+            try:
+                top = [rows[i].state.params.logprobs or 0 for i in asking]
+                found = logprobs(out.logits, [out.at[i] for i in asking], [tokens[i] for i in asking], top)
+                scored = dict(zip(asking, found, strict=True))
+            except Exception as exc:  # fails the rows that asked, never the step's others
+                log.exception("log-probabilities over %d rows failed", len(asking))
+                self._fail([rows[i] for i in asking], exc)
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if row.state.params.logprobs is not None and i not in scored:
+                continue  # failed above
             row.state.push(token, scored.get(i))
             if row.state.done:
                 self._retire(row)
 
-    @staticmethod
-    def _logprobs(rows: list[Row], out: StepOutput, tokens: list[int]) -> dict[int, Scored]:
-        """The log-probabilities of the rows that asked for them (index into ``rows`` -> ``sampling.logprobs``)."""
-        asking = [i for i, row in enumerate(rows) if row.state.params.logprobs is not None]
-        if not asking:
-            return {}
-        top = [rows[i].state.params.logprobs or 0 for i in asking]
-        found = logprobs(out.logits, [out.at[i] for i in asking], [tokens[i] for i in asking], top)
-        return dict(zip(asking, found, strict=True))
+    def _fail(self, rows: list[Row], exc: Exception) -> None:
+        """End ``rows`` with ``exc``: their requests fail, their cache rows and slot pins are free."""
+        for row in rows:
+            if self.table.rows[row.index] is row:
+                self.table.retire(row)
+                self.slots.unpin(row.slot)
+            if not row.state.request.future.done():
+                row.state.request.future.set_exception(EngineError(f"generation failed: {exc}"))
 
     def _retire(self, row: Row) -> None:
         """The row's request is answered now, the step it finished, and its row is free for the next step."""

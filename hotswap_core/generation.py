@@ -20,6 +20,7 @@ from hotswap_core.slots import AdapterVersion
 
 log = logging.getLogger("hotswapd.engine")
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
+MAX_REPETITION_PENALTY = 10.0  # far past any useful value (1.05-1.3); a bound keeps a typo from flattening the text
 # A token's log-probability, and its step's most likely tokens as (id, log-probability), most likely first.
 Scored = tuple[float, tuple[tuple[int, float], ...]]
 
@@ -36,6 +37,16 @@ class SamplingParams:
     ignore_eos: bool = False  # EOS is a token like any other: generate max_tokens (load generators use it)
     # None: no log-probabilities; k: each generated token's, and the k most likely tokens' at its position.
     logprobs: int | None = None
+    # OpenAI's: subtracted from a token's logit once it was generated (presence) and per time (frequency).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's and transformers': a logit of a token in the prompt or the output is divided by it (multiplied when
+    # negative); 1 is off.
+    repetition_penalty: float = 1.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -50,6 +61,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(
+                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}"
+            )
 
 
 @dataclass(frozen=True)
@@ -144,6 +162,10 @@ class RowState:
     @property
     def min_tokens(self) -> int:
         return self.params.min_tokens
+
+    @property
+    def penalized(self) -> bool:
+        return self.params.penalized
 
     def uniform(self) -> float:
         """The next number in [0, 1) of this row's random stream, seeded from the request (or at random): its

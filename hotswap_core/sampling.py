@@ -54,6 +54,13 @@ class Row(Protocol):
     def top_k(self) -> int: ...
     @property
     def min_tokens(self) -> int: ...
+    @property
+    def penalized(self) -> bool: ...
+    @property
+    def params(self) -> Any: ...  # generation.SamplingParams: the penalties
+
+    prompt_ids: list[int]
+
     def uniform(self) -> float: ...
 
 
@@ -130,14 +137,15 @@ def logprobs(logits: torch.Tensor, at: Sequence[int], tokens: Sequence[int], top
 
 
 def _finite(logprob: float) -> float:
-    """A token the model gives no probability at all has -inf, which JSON cannot carry: vLLM's floor instead."""
-    return max(logprob, LOGPROB_FLOOR)
+    """A token the model gives no probability at all has -inf, which JSON cannot carry: vLLM's floor instead; so
+    does NaN (non-finite logits), which JSON cannot carry either."""
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def _filters(row: Row, number: float, vocab: int) -> bool:
     """Whether ``row`` is drawn outside the forward this step: EOS is still masked for it, or it draws with a
     top-k or top-p bound (the argmax is the same with or without those)."""
-    if row.eos_ids and len(row.ids) < row.min_tokens:
+    if (row.eos_ids and len(row.ids) < row.min_tokens) or row.penalized:
         return True
     return number >= 0 and (0 < row.top_k < vocab or row.top_p < 1.0)
 
@@ -145,7 +153,7 @@ def _filters(row: Row, number: float, vocab: int) -> bool:
 def _filtered(logits: torch.Tensor, rows: Sequence[Row], numbers: Sequence[float]) -> torch.Tensor:
     """The next token [R] of rows that mask EOS or filter: greedy rows take the masked argmax, the others draw
     from what their top-k and top-p leave (the same inverse transform as ``draw``, over the candidates)."""
-    logits = _mask_early_eos(logits, rows)
+    logits = _penalize(_mask_early_eos(logits, rows), rows)
     inputs = draw_inputs(rows, numbers, len(rows), range(len(rows))).to(logits.device, non_blocking=True)
     drawing = [u >= 0 for u in numbers]
     values, order = _top_k_top_p(
@@ -172,6 +180,27 @@ def _inverse_cdf(values: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     cdf = torch.softmax(values, dim=-1).cumsum(dim=-1)
     target = uniform.clamp(max=UNIFORM_CEILING)[:, None] * cdf[:, -1:]
     return (cdf <= target).sum(dim=-1).clamp(max=values.shape[-1] - 1)
+
+
+def _penalize(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Each penalized row's logits [R, V] after its penalties, as OpenAI and vLLM apply them: the repetition
+    penalty over the tokens of its prompt and output (a positive logit divided by it, a negative one multiplied),
+    then ``frequency x count + presence x (count > 0)`` subtracted, counting its output tokens."""
+    marked = [(i, r) for i, r in enumerate(rows) if r.penalized]
+    if not marked:
+        return logits
+    logits = logits.float().clone()  # [R, V]
+    device = logits.device
+    for i, r in marked:  # one row at a time: each has its own tokens
+        p = r.params
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.ids)), dtype=torch.long, device=device)
+            picked = logits[i, seen]
+            logits[i, seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if r.ids and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(r.ids, dtype=torch.long, device=device), minlength=logits.shape[-1])
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
 
 
 def _mask_early_eos(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:

@@ -154,7 +154,7 @@ class Completions:
 
                 def build() -> dict[str, Any]:
                     model, text = self.state.model_id, self.engine.token_text
-                    return protocol.completion_body(rid, model, results, chat, call.n, text)
+                    return protocol.completion_body(rid, model, results, chat, text, call.n)
 
                 body = build() if call.params.logprobs is None else await self._off_loop(build)
                 return web.json_response(

@@ -1,7 +1,7 @@
 """The OpenAI wire format: request bodies checked field by field, responses and stream chunks built.
 
 Every problem is an ``ApiError`` naming the parameter (OpenAI's error shape). Fields hotswapd cannot
-honour (``echo``, penalties, tools, ...) are refused by name rather than silently ignored; fields it
+honour (``echo``, ``logit_bias``, tools, ...) are refused by name rather than silently ignored; fields it
 does not know (``user``, new client options) are ignored, as vLLM does.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from hotswap_core.generation import MAX_LOGPROBS, GenerationResult, SamplingParams, TokenLogprob
+from hotswap_core.generation import MAX_LOGPROBS, MAX_REPETITION_PENALTY, GenerationResult, SamplingParams, TokenLogprob
 from hotswap_core.history import Superseded, SwapRecord
 from hotswap_core.slots import AdapterVersion
 
@@ -110,8 +110,7 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
 
 # Parameters hotswapd does not implement, with the value that means "not used".
 _NEUTRAL: dict[str, Any] = {
-    "best_of": 1, "echo": False, "suffix": None,
-    "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "tools": [], "functions": [],
+    "best_of": 1, "echo": False, "suffix": None, "logit_bias": {}, "tools": [], "functions": [],
     "tool_choice": "none", "response_format": {"type": "text"},
 }  # fmt: skip
 
@@ -235,6 +234,11 @@ def _params(
         min_tokens=min_tokens or 0,
         ignore_eos=ignore_eos,
         logprobs=logprobs,
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(  # vLLM's extension
+            body, "repetition_penalty", 1.0, 0.0, MAX_REPETITION_PENALTY, open_lo=True
+        ),
     )
 
 
@@ -330,7 +334,7 @@ def _chat_logprobs(body: dict[str, Any]) -> int | None:
     if wanted is not None and wanted not in (True, False):  # 0 and 1 too, as a lax JSON schema takes them
         raise bad(f"logprobs must be true or false, got {json.dumps(wanted)[:40]}", "logprobs")
     top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
-    if top is not None and not wanted:
+    if top and not wanted:  # 0 means none: a client may send it as its default
         raise bad("top_logprobs needs logprobs: true", "top_logprobs")
     return (top or 0) if wanted else None
 
@@ -409,7 +413,7 @@ def logprobs_json(entries: tuple[TokenLogprob, ...] | None, chat: bool, token_te
 
 
 def completion_body(
-    rid: str, model: str, results: list[GenerationResult], chat: bool, n: int = 1, token_text: TokenText = str
+    rid: str, model: str, results: list[GenerationResult], chat: bool, token_text: TokenText, n: int = 1
 ) -> dict[str, Any]:
     """A whole response; ``n`` choices per prompt (for ``usage``), ``token_text`` names tokens in log-probabilities."""
     if chat:

@@ -66,6 +66,10 @@ def test_unknown_keys_are_errors_with_their_path() -> None:
     [
         ({"adapter": {"target_rank": 0}}, "adapter.target_rank: must be >= 1, got 0"),
         ({"model": {"path": ""}}, "model.path: required"),
+        (
+            {"model": {"max_batch_size": 8}, "server": {"max_queue": 4}},
+            "server.max_queue: must be >= model.max_batch_size (8), got 4",
+        ),
         ({"validation": {"max_adapter_bytes": -1}}, "validation.max_adapter_bytes: must be > 0, got -1"),
         ({"model": {"device": "tpu"}}, "model.device: expected one of 'auto', 'cuda', 'cpu', got 'tpu'"),
         ({"model": {"max_batch_size": True}}, "model.max_batch_size: expected an integer, got True"),

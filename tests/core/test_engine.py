@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, SamplingParams
 from hotswap_core.history import History
 from hotswap_core.slots import BASE_VERSION
@@ -266,7 +268,10 @@ def test_logprobs_are_the_models_own_whatever_shares_the_batch(
     """Each generated token's log-probability and its top alternatives equal a fresh eager PeftModel's
     log-softmax at that position (the raw distribution: a drawing row at temperature 1.7 reports the same
     values), for rows that ask beside rows that do not, whose tokens do not change."""
-    assert Swapper(engine, demo_config.validation, History(None)).swap(adapters["r8_full"]).result == "success"
+    assert Swapper(engine, demo_config.validation, History(None)).swap(adapters["r8_full"]).result in (
+        "success",
+        "unchanged",
+    )
     prompts = ["Hello =>", "The quick brown fox =>", "abc"]
     plain = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
     asking = [
@@ -294,4 +299,83 @@ def test_logprobs_are_the_models_own_whatever_shares_the_batch(
     greedy = mixed[0].logprobs
     assert greedy is not None and all(e.top[0][0] == e.token_id for e in greedy)  # greedy takes the most likely
     assert [e.offset for e in greedy] == sorted(e.offset for e in greedy) and greedy[0].offset == 0
-    assert max(e.offset for e in greedy) < len(mixed[0].text)
+
+
+def test_a_failure_computing_logprobs_fails_only_the_rows_that_asked(engine: Any, monkeypatch: Any) -> None:
+    import hotswap_core.engine as engine_module
+
+    def broken(*_args: Any) -> Any:
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(engine_module, "logprobs", broken)
+    plain = SamplingParams(max_tokens=8, ignore_eos=True)
+    futures = engine.submit_group(
+        [GenerationRequest("abc", plain), GenerationRequest("Hello =>", dataclasses.replace(plain, logprobs=2))]
+    )
+    assert futures[0].result(60).completion_tokens == 8
+    with pytest.raises(EngineError, match="injected"):
+        futures[1].result(60)
+    monkeypatch.undo()
+    assert engine.generate(["Hello =>"], dataclasses.replace(plain, logprobs=2))[0].logprobs is not None  # serving on
+
+
+def _penalized_greedy(
+    model: Any, prompt: list[int], n: int, presence: float, frequency: float, repetition: float
+) -> list[int]:
+    """Reference: greedy decoding of an eager model with OpenAI's presence/frequency penalties (over the output)
+    and transformers' repetition penalty (over prompt and output), written out here independently."""
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([prompt + out])).logits[0, -1].float()
+            for token in set(prompt + out):
+                v = logits[token]
+                logits[token] = v / repetition if v > 0 else v * repetition
+            for token in set(out):
+                logits[token] -= frequency * out.count(token) + presence
+            out.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize(
+    "penalties",
+    [dict(frequency_penalty=1.5), dict(presence_penalty=2.0, frequency_penalty=-0.5), dict(repetition_penalty=1.8)],
+    ids=["frequency", "presence_and_negative_frequency", "repetition"],
+)
+def test_penalties_match_an_eager_reference(
+    engine: Any,
+    demo_config: Any,
+    demo_assets: Any,
+    adapters: dict[str, Path],
+    tokenizer: Any,
+    penalties: dict[str, float],
+) -> None:
+    """A greedy row with penalties (drawn after the step, from its logits) gives the tokens of a fresh eager
+    PeftModel decoding with the penalties applied by hand, beside rows without them, whose tokens do not change."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert Swapper(engine, demo_config.validation, History(None)).swap(adapters["r8_full"]).result in (
+        "success",
+        "unchanged",
+    )
+    params = SamplingParams(max_tokens=16, ignore_eos=True, **penalties)
+    plain = SamplingParams(max_tokens=16, ignore_eos=True)
+    prompt = "Hello =>"
+    alone = engine.generate(["abc", prompt], plain)
+    mixed = [
+        f.result(60) for f in engine.submit_group([GenerationRequest("abc", plain), GenerationRequest(prompt, params)])
+    ]
+    assert mixed[0].token_ids == alone[0].token_ids
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), adapters["r8_full"])
+    want = _penalized_greedy(
+        model.eval(),
+        ids,
+        16,
+        penalties.get("presence_penalty", 0.0),
+        penalties.get("frequency_penalty", 0.0),
+        penalties.get("repetition_penalty", 1.0),
+    )
+    assert list(mixed[1].token_ids) == want
+    assert want != list(alone[1].token_ids), "the penalty must change the text for this test to mean anything"

@@ -195,6 +195,9 @@ def test_streamed_logprobs_come_with_the_text_their_tokens_start(
         assert row.logprobs is not None and [e.token_id for e in row.logprobs] == row.ids
         assert [e for _, entries in streamed for e in entries] == row.logprobs
         assert "".join(t for t, _ in streamed) == row.text
+        for e in row.logprobs:  # valid UTF-8 here: each token's own text is where its offset says
+            own = decode([e.token_id])
+            assert "\ufffd" in own or e.offset >= len(row.text) or row.text[e.offset :].startswith(own), row.text
         start = 0
         for k, (delta, entries) in enumerate(streamed):
             last = k == len(streamed) - 1

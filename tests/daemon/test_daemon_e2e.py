@@ -260,6 +260,11 @@ def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess)
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
     for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert top[token] == chosen == max(top.values()) and len(top) <= 4  # texts may collide (U+FFFD bytes)
+    parts = list(client.completions.create(model="m", prompt="Hello =>", max_tokens=8, temperature=0, logprobs=3,
+                                           stream=True))  # fmt: skip
+    tokens = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens or []]
+    offsets = [o for p in parts if p.choices[0].logprobs for o in p.choices[0].logprobs.text_offset or []]
+    assert "".join(p.choices[0].text for p in parts) == "".join(tokens) and offsets == lp.text_offset
     single = alone.choices[0].logprobs  # the same prompt alone (another decode bucket): the same values
     assert single is not None and single.tokens == lp.tokens and single.token_logprobs is not None
     assert single.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-4)
@@ -279,6 +284,9 @@ def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess)
     assert content is not None and "".join(t.token for t in content) == chat.choices[1].message.content
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in content)
     assert all(bytes(t.bytes or []) == t.token.encode() for t in content)
+    none = client.chat.completions.create(model="m", messages=messages, max_tokens=4, logprobs=True)
+    assert none.choices[0].logprobs is not None and none.choices[0].logprobs.content is not None
+    assert all(t.top_logprobs == [] for t in none.choices[0].logprobs.content)  # top_logprobs left out: none
     streamed: dict[int, list[Any]] = {0: [], 1: []}
     for part in client.chat.completions.create(
         model="m", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2, n=2, stream=True

@@ -252,6 +252,9 @@ VALID_OPTIONS = {
     "user": st.text(max_size=24),
     "n": st.sampled_from([1, 2]),
     "logprobs": st.sampled_from([None, 0, 1]),  # completions: 0 or 1 alternatives; chat: false or true
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.01, 10),
     "echo": st.just(False),
     "logit_bias": st.just({}),
     "response_format": st.just({"type": "text"}),

@@ -182,8 +182,7 @@ def test_stream_refused(body: dict[str, Any], param: str) -> None:
 
 @pytest.mark.parametrize(
     "name, value",
-    [("best_of", 3), ("echo", True), ("presence_penalty", 0.5),
-     ("frequency_penalty", -1), ("logit_bias", {"1": 5}), ("suffix", "x"), ("tools", [{}])],
+    [("best_of", 3), ("echo", True), ("logit_bias", {"1": 5}), ("suffix", "x"), ("tools", [{}])],
 )  # fmt: skip
 def test_unsupported_parameters_refused(name: str, value: Any) -> None:
     err = refused(comp, {name: value}, name, "unsupported_parameter")
@@ -208,8 +207,25 @@ def test_logprobs_parameters() -> None:
     for bad_value in (2, "yes", [True]):
         refused(chat, {"logprobs": bad_value}, "logprobs")
     refused(chat, {"top_logprobs": 2}, "top_logprobs")  # without logprobs: true
+    assert chat(top_logprobs=0).params.logprobs is None  # 0: none, a client's default
     refused(chat, {"logprobs": False, "top_logprobs": 2}, "top_logprobs")
     refused(chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs")
+
+
+def test_penalties() -> None:
+    p = comp(presence_penalty=0.5, frequency_penalty=-2, repetition_penalty=1.2).params
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.penalized) == (0.5, -2.0, 1.2, True)
+    assert not comp(presence_penalty=0, frequency_penalty=0.0, repetition_penalty=1).params.penalized
+    assert chat(frequency_penalty=1).params.frequency_penalty == 1.0
+    for name, value in (
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("frequency_penalty", "1"),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", 11),
+        ("repetition_penalty", True),
+    ):
+        refused(comp, {name: value}, name)  # fmt: skip
 
 
 def test_n_choices_and_their_seeds() -> None:
@@ -285,7 +301,7 @@ USAGE = {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17}
 
 @pytest.mark.parametrize("is_chat", [False, True])
 def test_completion_body(is_chat: bool) -> None:
-    body = completion_body("rid", "m", RESULTS, is_chat)
+    body = completion_body("rid", "m", RESULTS, is_chat, str)
     assert body["object"] == ("chat.completion" if is_chat else "text_completion")
     assert (body["id"], body["model"], body["usage"]) == ("rid", "m", USAGE) and isinstance(body["created"], int)
     assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop", "stop"]
@@ -318,7 +334,7 @@ def test_logprobs_and_n_in_bodies_and_chunks() -> None:
     texts = {1: "a", 2: "é", 3: "<eos>"}
     entries = (TokenLogprob(1, -0.5, ((1, -0.5), (2, -1.25)), 0), TokenLogprob(2, -2.0, ((1, -0.1), (3, -1.0)), 1))
     answers = [dataclasses.replace(result("aé", 2, 3, "length"), logprobs=entries) for _ in range(2)]
-    body = completion_body("rid", "m", answers, False, 2, texts.__getitem__)
+    body = completion_body("rid", "m", answers, False, texts.__getitem__, 2)
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}  # one prompt, n=2
     assert body["choices"][1]["logprobs"] == {
         "tokens": ["a", "é"],
@@ -326,13 +342,13 @@ def test_logprobs_and_n_in_bodies_and_chunks() -> None:
         "top_logprobs": [{"a": -0.5, "é": -1.25}, {"a": -0.1, "<eos>": -1.0, "é": -2.0}],  # the chosen one too
         "text_offset": [0, 1],
     }
-    chat_body = completion_body("rid", "m", answers[:1], True, 1, texts.__getitem__)
+    chat_body = completion_body("rid", "m", answers[:1], True, texts.__getitem__)
     assert chat_body["choices"][0]["logprobs"]["content"][1] == {
         "token": "é", "logprob": -2.0, "bytes": [195, 169],
         "top_logprobs": [{"token": "a", "logprob": -0.1, "bytes": [97]},
                          {"token": "<eos>", "logprob": -1.0, "bytes": [60, 101, 111, 115, 62]}],
     }  # fmt: skip
-    assert completion_body("rid", "m", RESULTS, True)["choices"][0]["logprobs"] is None
+    assert completion_body("rid", "m", RESULTS, True, str)["choices"][0]["logprobs"] is None
     streamed = chunk("rid", "m", AD, True, 1, "é", None, logprobs=logprobs_json(entries[1:], True, texts.__getitem__))
     assert streamed["choices"][0]["logprobs"]["content"][0]["token"] == "é"
     assert usage_chunk("rid", "m", False, answers, 2)["usage"]["prompt_tokens"] == 3
