@@ -108,19 +108,33 @@ def test_hundred_swaps_no_recompile_no_rerecording(cuda_engine: Any, swapper: Sw
 
 
 def test_logprobs_read_from_the_replayed_graph(cuda_engine: Any, swapper: Swapper, demo_assets: Any) -> None:
-    """Log-probabilities come from the decode graph's output before the next replay overwrites it: each greedy
-    token has its step's largest log-probability, for a request beside rows that do not ask, on both adapters,
-    without a recompile. (Written without a GPU to run it on: see the README.)"""
+    """Log-probabilities come from the decode graph's output before the next replay overwrites it: each entry
+    is a fresh eager bf16 PeftModel's log-softmax at that position (teacher forcing), for a request beside rows
+    that do not ask, whose tokens stay those of a run without it, on both adapters, without a recompile.
+    (Written without a GPU to run it on: see the README.)"""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     asking = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3)
-    torch.compiler.set_stance("fail_on_recompile")
-    try:
-        for adapter in (demo_assets.alpha, demo_assets.bravo):
-            assert swapper.swap(adapter).result in ("success", "unchanged")
-            requests = [GenerationRequest(p, asking if i == 1 else SamplingParams(max_tokens=12)) for i, p in
-                        enumerate(PROMPTS)]  # fmt: skip
-            res = [f.result(60) for f in cuda_engine.submit_group(requests)][1]
-            assert res.logprobs is not None and len(res.logprobs) == 12
-            for e in res.logprobs:
-                assert e.logprob == e.top[0][1] <= 0 and len(e.top) == 3  # bf16 ties: the value, not the id
-    finally:
-        torch.compiler.set_stance("default")
+    plain = SamplingParams(max_tokens=12, ignore_eos=True)
+    for adapter in (demo_assets.alpha, demo_assets.bravo):
+        assert swapper.swap(adapter).result in ("success", "unchanged")
+        before = [r.token_ids for r in cuda_engine.generate(PROMPTS, plain)]
+        torch.compiler.set_stance("fail_on_recompile")
+        try:
+            requests = [GenerationRequest(p, asking if i == 1 else plain) for i, p in enumerate(PROMPTS)]
+            results = [f.result(60) for f in cuda_engine.submit_group(requests)]
+        finally:
+            torch.compiler.set_stance("default")
+        assert [r.token_ids for i, r in enumerate(results) if i != 1] == [t for i, t in enumerate(before) if i != 1]
+        res = results[1]
+        assert res.logprobs is not None and len(res.logprobs) == 12
+        model: Any = AutoModelForCausalLM.from_pretrained(demo_assets.base, dtype=torch.bfloat16).cuda()
+        model = PeftModel.from_pretrained(model, adapter).eval()
+        prompt = cuda_engine.tokenizer.encode(PROMPTS[1], add_special_tokens=False)
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([prompt + list(res.token_ids)], device="cuda")).logits[0].float()
+        want = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + 11], dim=-1).cpu()  # [12, V]
+        for t, e in enumerate(res.logprobs):
+            assert e.logprob == e.top[0][1] <= 0 and len(e.top) == 3  # greedy; bf16 ties: the value, not the id
+            assert abs(e.logprob - float(want[t, e.token_id])) <= 0.1, (adapter.name, t)  # bf16 vs bf16 eager
