@@ -16,7 +16,7 @@ from aiohttp import web
 from hotswap_core.engine import Engine
 from hotswap_core.errors import SwapError
 from hotswap_core.swap import Swapper
-from hotswapd import protocol
+from hotswapd import protocol, responses
 from hotswapd.events import EventBus
 from hotswapd.protocol import ApiError
 from hotswapd.state import ServingState
@@ -47,15 +47,15 @@ class AdapterRoutes:
     async def status(self, request: web.Request) -> web.Response:
         slots, history = self.engine.slots, self.swapper.history
         body = {
-            "live": {**(protocol.version_json(self.swapper.live) or {}), "since": history.live_since},
-            "standby": protocol.version_json(slots.contents[slots.standby]),
-            "previous": protocol.version_json(history.previous()) if history.previous() else None,
-            "history": [protocol.record_json(r) for r in history.recent(50)],
+            "live": {**(responses.version_json(self.swapper.live) or {}), "since": history.live_since},
+            "standby": responses.version_json(slots.contents[slots.standby]),
+            "previous": responses.version_json(history.previous()) if history.previous() else None,
+            "history": [responses.record_json(r) for r in history.recent(50)],
             "rejected": [
                 {"path": r.path, "reason": r.reason, "message": r.message, "at": r.at}
                 for r in history.rejections()[:50]
             ],
-            "superseded": [protocol.superseded_json(x) for x in history.supersessions()[:50]],
+            "superseded": [responses.superseded_json(x) for x in history.supersessions()[:50]],
             "source": self._describe_source(),
             "recompilations": self.engine.recompilations,
         }
@@ -109,16 +109,16 @@ class AdapterRoutes:
         record = await loop.run_in_executor(None, lambda: self.swapper.swap(path, source="admin"))
         if record.result == "rejected":
             raise ApiError(422, f"adapter rejected: {record.message}", param="path", code=record.reason,
-                           extra={"record": protocol.record_json(record)})  # fmt: skip
+                           extra={"record": responses.record_json(record)})  # fmt: skip
         if record.result == "failed":
             raise ApiError(
                 500,
                 f"swap failed: {record.message}",
                 code=record.reason,
-                extra={"record": protocol.record_json(record)},
+                extra={"record": responses.record_json(record)},
             )
         return web.json_response(
-            {"record": protocol.record_json(record), "live": protocol.version_json(self.swapper.live)}
+            {"record": responses.record_json(record), "live": responses.version_json(self.swapper.live)}
         )
 
     async def rollback(self, request: web.Request) -> web.Response:
@@ -129,7 +129,7 @@ class AdapterRoutes:
         except SwapError as exc:
             raise ApiError(409, str(exc), code="rollback_impossible") from exc
         return web.json_response(
-            {"record": protocol.record_json(record), "live": protocol.version_json(self.swapper.live)}
+            {"record": responses.record_json(record), "live": responses.version_json(self.swapper.live)}
         )
 
     async def refresh(self, request: web.Request) -> web.Response:
@@ -145,4 +145,4 @@ class AdapterRoutes:
                 looked = await loop.run_in_executor(None, self._refresh)
         except TimeoutError as exc:
             raise ApiError(504, "the source's look took longer than server.request_timeout_s", code="timeout") from exc
-        return web.json_response({**looked, "live": protocol.version_json(self.swapper.live)})
+        return web.json_response({**looked, "live": responses.version_json(self.swapper.live)})

@@ -21,7 +21,7 @@ from hotswap_core.engine import Engine, EngineBusy, EngineStopped
 from hotswap_core.generation import GenerationRequest, GenerationResult, TokenLogprob
 from hotswap_core.metrics import Metrics
 from hotswap_core.slots import AdapterVersion
-from hotswapd import protocol
+from hotswapd import protocol, responses
 from hotswapd.protocol import ApiError, Call
 from hotswapd.state import ServingState
 
@@ -134,7 +134,7 @@ class Completions:
             for i, r in enumerate(reqs):
                 r.future.add_done_callback(functools.partial(post, "done", i))
         answers = [] if call.stream else [asyncio.wrap_future(r.future) for r in reqs]
-        rid = protocol.new_id(prefix)
+        rid = responses.new_id(prefix)
         try:
             self.engine.submit_group(reqs)
         except (EngineBusy, EngineStopped) as exc:
@@ -154,11 +154,11 @@ class Completions:
 
                 def build() -> dict[str, Any]:
                     model, text = self.state.model_id, self.engine.token_text
-                    return protocol.completion_body(rid, model, results, chat, text, call.n)
+                    return responses.completion_body(rid, model, results, chat, text, call.n)
 
                 body = build() if call.params.logprobs is None else await self._off_loop(build)
                 return web.json_response(
-                    body, headers={"X-Hotswapd-Adapter": protocol.adapter_header(results[0].adapter)}
+                    body, headers={"X-Hotswapd-Adapter": responses.adapter_header(results[0].adapter)}
                 )
         except TimeoutError as exc:
             raise ApiError(504, f"generation took longer than server.request_timeout_s "
@@ -184,7 +184,7 @@ class Completions:
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
-                "X-Hotswapd-Adapter": protocol.adapter_header(adapter),
+                "X-Hotswapd-Adapter": responses.adapter_header(adapter),
             }
         )
         await response.prepare(request)
@@ -192,10 +192,10 @@ class Completions:
         async def send(
             index: int, text: str | None, finish: str | None = None, first: bool = False, logprobs: Any = None
         ) -> None:
-            chunk = protocol.chunk(
+            chunk = responses.chunk(
                 rid, self.state.model_id, adapter, chat, index, text, finish, first=first, logprobs=logprobs
             )
-            await response.write(protocol.sse(chunk))
+            await response.write(responses.sse(chunk))
 
         choices = len(call.prompts) * call.n
         if chat:
@@ -208,21 +208,21 @@ class Completions:
                 text, entries = value
                 wanted = call.params.logprobs is not None
                 await send(
-                    i, text, logprobs=protocol.logprobs_json(entries, chat, self.engine.token_text) if wanted else None
+                    i, text, logprobs=responses.logprobs_json(entries, chat, self.engine.token_text) if wanted else None
                 )
             elif kind == "done":
                 try:
                     results[i] = value.result()
                 except Exception as exc:  # headers are sent: report in-band, as OpenAI does
                     log.warning("streamed generation failed: %s", exc)
-                    await response.write(protocol.sse(ApiError(500, f"generation failed: {exc}").body()))
+                    await response.write(responses.sse(ApiError(500, f"generation failed: {exc}").body()))
                     return response
-                await send(i, None, protocol.finish_reason(results[i]))
+                await send(i, None, responses.finish_reason(results[i]))
         ordered = [results[i] for i in sorted(results)]
         self._observe(ordered)
         if call.include_usage:
-            await response.write(protocol.sse(protocol.usage_chunk(rid, self.state.model_id, chat, ordered, call.n)))
-        await response.write(protocol.sse("[DONE]"))
+            await response.write(responses.sse(responses.usage_chunk(rid, self.state.model_id, chat, ordered, call.n)))
+        await response.write(responses.sse("[DONE]"))
         await response.write_eof()
         return response
 

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from hotswap_core.history import SwapRecord
-from hotswapd.protocol import record_json
+from hotswapd.responses import record_json
 
 log = logging.getLogger("hotswapd.events")
 

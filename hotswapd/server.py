@@ -22,7 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from hotswap_core.engine import Engine
 from hotswap_core.metrics import Metrics
 from hotswap_core.swap import Swapper
-from hotswapd import protocol
+from hotswapd import responses
 from hotswapd.admin import AdapterRoutes
 from hotswapd.completions import Completions
 from hotswapd.events import EventBus
@@ -182,16 +182,16 @@ class Server:
             return 503, {"status": "draining"}
         if not self.state.ready:
             return 503, {"status": "starting"}
-        return 200, {"status": "ready", "adapter": protocol.adapter_json(self.swapper.live)}
+        return 200, {"status": "ready", "adapter": responses.adapter_json(self.swapper.live)}
 
     async def models(self, request: web.Request) -> web.Response:
         live = self.swapper.live
         created = int(self.swapper.history.live_since or time.time())
         data = [
             {"id": self.state.model_id, "object": "model", "created": created, "owned_by": "hotswapd",
-             "max_model_len": self.engine.max_seq_len, "adapter": protocol.adapter_json(live)},
+             "max_model_len": self.engine.max_seq_len, "adapter": responses.adapter_json(live)},
             {"id": live.version, "object": "model", "created": created, "owned_by": "hotswapd",
-             "parent": self.state.model_id, "adapter": protocol.adapter_json(live)},
+             "parent": self.state.model_id, "adapter": responses.adapter_json(live)},
         ]  # fmt: skip
         return web.json_response({"object": "list", "data": data})
 

@@ -15,15 +15,11 @@ from hotswap_core.slots import AdapterVersion
 from hotswapd.protocol import (
     ApiError,
     Call,
-    chunk,
-    completion_body,
-    logprobs_json,
     parse_chat,
     parse_completion,
     parse_json,
-    sse,
-    usage_chunk,
 )
+from hotswapd.responses import chunk, completion_body, logprobs_json, sse, usage_chunk
 
 SEQ = 64
 
