@@ -324,6 +324,7 @@ class Engine:
         tokens = sample(out.logits, states, numbers, out.tokens, out.at)
         asking = [i for i, row in enumerate(rows) if row.state.params.logprobs is not None]
         scored: dict[int, Scored] = {}
+        failed: set[int] = set()
         if asking:
             try:
                 top = [rows[i].state.params.logprobs or 0 for i in asking]
@@ -332,9 +333,10 @@ class Engine:
             except Exception as exc:  # fails the rows that asked, never the step's others
                 log.exception("log-probabilities over %d rows failed", len(asking))
                 self._fail([rows[i] for i in asking], exc)
+                failed = set(asking)
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-            if row.state.params.logprobs is not None and i not in scored:
-                continue  # failed above
+            if i in failed:
+                continue
             row.state.push(token, scored.get(i))
             if row.state.done:
                 self._retire(row)

@@ -20,6 +20,7 @@ from hotswap_core.slots import AdapterVersion
 
 log = logging.getLogger("hotswapd.engine")
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as OpenAI's
 MAX_REPETITION_PENALTY = 10.0  # far past any useful value (1.05-1.3); a bound keeps a typo from flattening the text
 # A token's log-probability, and its step's most likely tokens as (id, log-probability), most likely first.
 Scored = tuple[float, tuple[tuple[int, float], ...]]
@@ -62,8 +63,8 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)}")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise ValueError(
                 f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}"
@@ -232,5 +233,5 @@ class RowState:
                 # A broken consumer (a stream whose client is gone) cancels its own row, never the batch.
                 log.warning("streaming callback failed; cancelling that request", exc_info=True)
                 self.request.cancelled.set()
-            self._emitted = max(self._emitted, end)
+            self._emitted = end
             self._logprobs_emitted += len(pending)

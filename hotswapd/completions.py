@@ -202,11 +202,11 @@ class Completions:
             for i in range(choices):
                 await send(i, "", first=True)
         results: dict[int, GenerationResult] = {}
+        wanted = call.params.logprobs is not None
         while len(results) < choices:
             kind, i, value = await events.get()
             if kind == "text":
                 text, entries = value
-                wanted = call.params.logprobs is not None
                 await send(
                     i, text, logprobs=responses.logprobs_json(entries, chat, self.engine.token_text) if wanted else None
                 )

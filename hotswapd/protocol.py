@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from hotswap_core.generation import MAX_LOGPROBS, MAX_REPETITION_PENALTY, SamplingParams
+from hotswap_core.generation import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, SamplingParams
 
 MAX_STOP = 4  # as OpenAI
 MAX_PROMPTS = 64
@@ -230,8 +230,8 @@ def _params(
         min_tokens=min_tokens or 0,
         ignore_eos=ignore_eos,
         logprobs=logprobs,
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
         repetition_penalty=_number(  # vLLM's extension
             body, "repetition_penalty", 1.0, 0.0, MAX_REPETITION_PENALTY, open_lo=True
         ),
