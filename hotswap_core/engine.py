@@ -308,23 +308,44 @@ class Engine:
         """One forward over ``rows`` (sampling inside it), then push and retire; a failure fails those rows alone."""
         try:
             numbers = uniforms([r.state for r in rows])  # each row's draw this step, taken once
-            self._sample(rows, forward(rows, numbers), numbers)
+            out = forward(rows, numbers)
+            failed = self._prefilled(rows, out.hidden) if out.hidden is not None else set()
+            self._sample(rows, out, numbers, failed)
         except Exception as exc:
             log.exception("a step over %d rows failed", len(rows))
             self._fail(rows, exc)
         self.last_loop_at = time.monotonic()  # a long generation is still a turning worker
 
-    def _sample(self, rows: list[Row], out: StepOutput, numbers: list[float]) -> None:
-        """Push each row's token (drawn in the forward, or here when the row filters), then retire the finished."""
+    def _prefilled(self, rows: list[Row], hidden: torch.Tensor) -> set[int]:
+        """Score the prompts of the rows that ask (``runner.score_prompt``: the head over their prefill's hidden
+        states, about the head's share of a prefill again) and tell each row its prompt ran, before its first
+        token. Returns the rows (indices into ``rows``) whose scoring failed: they fail alone."""
+        failed: set[int] = set()
+        for i, row in enumerate(rows):
+            top = row.state.params.prompt_logprobs
+            scored = None
+            if top is not None:
+                try:
+                    scored = self.runner.score_prompt(row, hidden[i], top)
+                except Exception as exc:
+                    log.exception("scoring a prompt of %d tokens failed", len(row.state.prompt_ids))
+                    self._fail([row], exc)
+                    failed.add(i)
+                    continue
+            row.state.prefilled(scored)
+        return failed
+
+    def _sample(self, rows: list[Row], out: StepOutput, numbers: list[float], failed: set[int]) -> None:
+        """Push each row's token (drawn in the forward, or here when the row filters), then retire the finished;
+        ``failed``: rows (indices into ``rows``) already ended, skipped."""
         for i, row in enumerate(rows):
             row.finite = row.finite and out.finite[i]
             if row.capture and row.logits is None:
                 row.logits = out.logits[out.at[i]].float().cpu()
         states = [r.state for r in rows]
         tokens = sample(out.logits, states, numbers, out.tokens, out.at)
-        asking = [i for i, row in enumerate(rows) if row.state.params.logprobs is not None]
+        asking = [i for i, row in enumerate(rows) if row.state.params.logprobs is not None and i not in failed]
         scored: dict[int, Scored] = {}
-        failed: set[int] = set()
         if asking:
             try:
                 top = [rows[i].state.params.logprobs or 0 for i in asking]
@@ -333,7 +354,7 @@ class Engine:
             except Exception as exc:  # fails the rows that asked, never the step's others
                 log.exception("log-probabilities over %d rows failed", len(asking))
                 self._fail([rows[i] for i in asking], exc)
-                failed = set(asking)
+                failed = failed | set(asking)
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if i in failed:
                 continue
@@ -366,6 +387,7 @@ class Engine:
                 time_to_first_token_s=ttft,
                 duration_s=time.monotonic() - state.request.created_at,
                 logprobs=None if state.logprobs is None else tuple(state.logprobs),
+                prompt_logprobs=state.prompt_logprobs,
             )
         )
 
@@ -382,9 +404,10 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds "
                 f"model.max_seq_len ({self.max_seq_len})"
             )
-        return RowState(request, ids, self._detokenize, self.eos_ids)
+        return RowState(request, ids, self.detokenize, self.eos_ids)
 
-    def _detokenize(self, ids: list[int]) -> str:
+    def detokenize(self, ids: list[int]) -> str:
+        """Token ids as text, special tokens left out: what a completion shows."""
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 

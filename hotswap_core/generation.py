@@ -44,6 +44,9 @@ class SamplingParams:
     # vLLM's and transformers': a logit of a token in the prompt or the output is divided by it (multiplied when
     # negative); 1 is off.
     repetition_penalty: float = 1.0
+    # None: none; k: each prompt token's log-probability after the first, with the k most likely tokens' at its
+    # position (vLLM's ``prompt_logprobs``; the completions API's ``echo`` with ``logprobs``).
+    prompt_logprobs: int | None = None
 
     @property
     def penalized(self) -> bool:
@@ -60,8 +63,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)}")
@@ -93,6 +98,8 @@ class GenerationResult:
     time_to_first_token_s: float
     duration_s: float
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of token_ids, when the request asked
+    # One per prompt token after the first (the first has no context to be scored in), when the request asked.
+    prompt_logprobs: tuple[Scored, ...] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -102,13 +109,16 @@ class GenerationResult:
 @dataclass(eq=False)
 class GenerationRequest:
     """One prompt to complete. From the worker thread, ``on_start`` receives the adapter version the
-    request will run on (fixed for its whole life) and ``on_text`` receives text deltas (streaming), each with
-    the log-probabilities of the tokens that produced it (empty unless ``params.logprobs`` asks for them)."""
+    request will run on (fixed for its whole life), ``on_prompt`` the prompt's log-probabilities once its prefill
+    ran (``None`` unless ``params.prompt_logprobs`` asks for them; before any text), and ``on_text`` text deltas
+    (streaming), each with the log-probabilities of the tokens that produced it (empty unless
+    ``params.logprobs`` asks for them)."""
 
     prompt: str | list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     on_text: Callable[[str, tuple[TokenLogprob, ...]], Any] | None = None
     on_start: Callable[[AdapterVersion], Any] | None = None
+    on_prompt: Callable[[tuple[Scored, ...] | None], Any] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future[GenerationResult] = field(default_factory=Future)
     created_at: float = field(default_factory=time.monotonic)
@@ -132,6 +142,7 @@ class RowState:
         self.ids: list[int] = []
         self.text = ""
         self.logprobs: list[TokenLogprob] | None = None if self.params.logprobs is None else []
+        self.prompt_logprobs: tuple[Scored, ...] | None = None
         self._logprobs_emitted = 0
         self._longest_stop = max((len(s) for s in self.params.stop), default=0)
         self._emitted = 0
@@ -173,6 +184,18 @@ class RowState:
         own, so a seeded request draws the same tokens whatever else is in its batch."""
         return self._random.random()
 
+    def prefilled(self, prompt_logprobs: tuple[Scored, ...] | None) -> None:
+        """The prompt ran (with its log-probabilities, when the request asked): tell ``on_prompt``, before any
+        text. A failing callback cancels this request alone, as a failing ``on_text`` does."""
+        self.prompt_logprobs = prompt_logprobs
+        if self.request.on_prompt is None:
+            return
+        try:
+            self.request.on_prompt(prompt_logprobs)
+        except Exception:
+            log.warning("on_prompt callback failed; cancelling that request", exc_info=True)
+            self.request.cancelled.set()
+
     def push(self, token_id: int, logprob: Scored | None = None) -> None:
         """Accept the next sampled token (with its log-probability and the top alternatives', when the request
         asked: ``sampling.logprobs``); updates text, finish state, and streams the new text."""
@@ -181,19 +204,24 @@ class RowState:
         if self.request.cancelled.is_set():
             self.finish_reason = "cancelled"
             return
-        if token_id in self.eos_ids:
+        self.ids.append(token_id)
+        if token_id in self.eos_ids:  # a token of the output, as in vLLM (counted, scored), but not of its text
             self.finish_reason = "stop"
             self._append(self._detok.finish())
+            self._score(token_id, logprob)
             self._emit(final=True)
             return
-        self.ids.append(token_id)
-        if self.logprobs is not None and logprob is not None:
-            self.logprobs.append(TokenLogprob(token_id, logprob[0], logprob[1], len(self.text)))
+        self._score(token_id, logprob)
         self._append(self._detok.push(token_id))
         if self.finish_reason is None and len(self.ids) >= self.params.max_tokens:
             self.finish_reason = "length"
             self._append(self._detok.finish())
         self._emit(final=self.done)
+
+    def _score(self, token_id: int, logprob: Scored | None) -> None:
+        """Keep the token's log-probability (when the request asked), its text starting where the text ends."""
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(TokenLogprob(token_id, logprob[0], logprob[1], len(self.text)))
 
     def _append(self, delta: str) -> None:
         """Extend the text; a stop string is looked for only where it could newly end (incremental)."""

@@ -18,9 +18,10 @@ import torch
 from hotswap_core import cpu_threads, kv_cache, prepack
 from hotswap_core.config import Config
 from hotswap_core.errors import EngineError
+from hotswap_core.generation import Scored
 from hotswap_core.kv_cache import KVCache, StepView, decode_view
 from hotswap_core.layout import Layout, base_identities, layout_from_model
-from hotswap_core.sampling import draw, draw_inputs, sampling_defaults
+from hotswap_core.sampling import draw, draw_inputs, logprobs, sampling_defaults
 from hotswap_core.scheduler import Row, buckets_for
 from hotswap_core.slots import SlotBank
 
@@ -87,25 +88,32 @@ def without_graphs(mode: str) -> str:
     return _NO_GRAPHS.get(mode, mode)
 
 
-# A compiled forward: (logits [B, V], ``_outcome`` [2, B]).
-Forward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# A compiled forward: (logits [B, V], ``_outcome`` [2, B]) and, from prefill, the hidden states [B, L, H].
+Forward = Callable[..., tuple[torch.Tensor, ...]]
+# The most float32 log-probabilities one piece of a prompt's scoring holds at once (64 MiB): at a 151,936-token
+# vocabulary, 110 positions a piece.
+_SCORE_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
 class StepOutput:
     """One forward over rows: ``logits`` [B, V] with ``rows[i]``'s at ``at[i]`` (a decode's holes stay in),
-    and per row, in the order of the rows, the token drawn in the forward and whether its logits were finite."""
+    and per row, in the order of the rows, the token drawn in the forward and whether its logits were finite;
+    a prefill's ``hidden`` states [B, L, H] (rows in order, right-padded) score prompts (``score_prompt``)."""
 
     logits: torch.Tensor
     at: list[int]
     tokens: list[int]
     finite: list[bool]
+    hidden: torch.Tensor | None = None
 
     @classmethod
-    def read(cls, logits: torch.Tensor, outcome: torch.Tensor, at: list[int]) -> StepOutput:
+    def read(
+        cls, logits: torch.Tensor, outcome: torch.Tensor, at: list[int], hidden: torch.Tensor | None = None
+    ) -> StepOutput:
         """A forward's ``(logits, _outcome)`` for the rows at ``at``: the step's one device -> host transfer."""
         tokens, finite = outcome.tolist()
-        return cls(logits, at, [tokens[i] for i in at], [bool(finite[i]) for i in at])
+        return cls(logits, at, [tokens[i] for i in at], [bool(finite[i]) for i in at], hidden)
 
 
 class ModelRunner:
@@ -223,14 +231,15 @@ class ModelRunner:
     # ---- the two forwards (what gets compiled) ------------------------------------------------
     def _prefill_forward(
         self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor, draws: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompts ``ids`` [B, L] (right-padded) into cache ``rows`` [B]; next-token logits [B, V] at ``last``,
-        and ``_outcome`` [2, B] (``draws`` [B, 2]: ``sampling.draw_inputs``)."""
+        ``_outcome`` [2, B] (``draws`` [B, 2]: ``sampling.draw_inputs``), and every position's hidden state
+        [B, L, H] (the head's input: what scoring a prompt needs; computed anyway, so returning it is free)."""
         view = StepView(self.cache, rows, positions)
-        hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
-        h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]  # [B, H]
-        logits = self._head(h)
-        return logits, _outcome(logits, draws)
+        states = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
+        hidden = states.last_hidden_state
+        logits = self._head(hidden[torch.arange(ids.shape[0], device=ids.device), last])  # [B, V]
+        return logits, _outcome(logits, draws), hidden
 
     def _decode_forward(
         self, ids: torch.Tensor, positions: torch.Tensor, draws: torch.Tensor
@@ -259,8 +268,23 @@ class ModelRunner:
         torch._dynamo.mark_static(draws, 1)
         self.slots.assign([r.slot for r in rows])
         dev = self.device
-        logits, outcome = self._prefill_fn(ids.to(dev), positions.to(dev), index.to(dev), last.to(dev), draws)
-        return StepOutput.read(logits, outcome, list(range(bsz)))
+        logits, outcome, hidden = self._prefill_fn(ids.to(dev), positions.to(dev), index.to(dev), last.to(dev), draws)
+        return StepOutput.read(logits, outcome, list(range(bsz)), hidden)
+
+    def score_prompt(self, row: Row, hidden: torch.Tensor, top: int) -> tuple[Scored, ...]:
+        """Each prompt token after the first, scored in the context before it: its log-probability and the
+        ``top`` most likely tokens' at its position (``sampling.logprobs``), from the prefill's ``hidden`` states
+        of ``row`` [L, H]. The head runs eagerly, outside the compiled graphs (whose shapes stay as they are),
+        on the row's slot (a LoRA head), a piece of the prompt at a time."""
+        prompt = row.state.prompt_ids
+        self.slots.assign([row.slot])
+        piece = max(1, _SCORE_ELEMENTS // self.vocab_size)
+        scored: list[Scored] = []
+        for start in range(0, len(prompt) - 1, piece):
+            end = min(start + piece, len(prompt) - 1)
+            logits = self._head(hidden[None, start:end])[0]  # [end - start, V]: positions start .. end-1
+            scored += logprobs(logits, range(end - start), prompt[start + 1 : end + 1], [top] * (end - start))
+        return tuple(scored)
 
     def decode(self, rows: list[Row], n: int, numbers: list[float]) -> StepOutput:
         """One token for each of ``rows``, over cache rows ``0 .. n-1`` (``n`` a decode bucket), with this step's

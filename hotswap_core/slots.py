@@ -62,7 +62,9 @@ class SlotLinear(nn.Module):
         else:
             self.scale = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, L, in]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, L, in], or [B, in] (the output head's input)
+        if x.dim() == 2:  # one position per row: a batched matmul needs the position axis
+            return self.forward(x[:, None])[:, 0]
         slot = self.slot[: x.shape[0]]  # [B]: the slot of each batch row
         w = torch.index_select(self.weight, 0, slot)  # [B, out, in]
         y = torch.matmul(x, w.transpose(1, 2))  # [B, L, out]

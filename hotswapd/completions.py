@@ -9,6 +9,7 @@ results come back through ``call_soon_threadsafe`` in order. A client that disco
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -46,9 +47,9 @@ class Completions:
         self._require_ready()
         raw = await request.read()
 
-        def parse() -> protocol.Call:
+        def parse() -> tuple[protocol.Call, list[responses.Echo]]:
             body = protocol.parse_json(raw)
-            return protocol.parse_completion(
+            call = protocol.parse_completion(
                 body,
                 self._tokenize,
                 self.engine.max_seq_len,
@@ -56,9 +57,15 @@ class Completions:
                 self.engine.sampling_defaults,
                 self.engine.vocab_size,
             )
+            if not call.echo:
+                return call, []
+            scored, decode = call.params.logprobs is not None, self.engine.detokenize
+            return call, [
+                responses.Echo.of(text, ids, decode, scored) for text, ids in zip(call.texts, call.prompts, strict=True)
+            ]
 
-        call = await self._off_loop(parse)
-        return await self._serve(request, call, chat=False, prefix="cmpl")
+        call, echoes = await self._off_loop(parse)
+        return await self._serve(request, call, chat=False, prefix="cmpl", echoes=echoes)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self._require_ready()
@@ -105,10 +112,14 @@ class Completions:
         except Exception as exc:  # jinja raises anything (TemplateError, exceptions raised by the template)
             raise protocol.bad(f"the chat template cannot render these messages: {exc}", "messages") from exc
 
-    async def _serve(self, request: web.Request, call: Call, *, chat: bool, prefix: str) -> web.StreamResponse:
+    async def _serve(
+        self, request: web.Request, call: Call, *, chat: bool, prefix: str, echoes: list[responses.Echo] | None = None
+    ) -> web.StreamResponse:
+        """``echoes``: the prompts shown before their completions (``call.echo``), one per prompt."""
         loop = asyncio.get_running_loop()
-        # One ordered queue of ("start", i, version), ("text", i, (delta, logprobs)) and ("done", i, future) from
-        # the worker thread: call_soon_threadsafe keeps their order, so a row's text precedes its done.
+        # One ordered queue of ("start", i, version), ("prompt", i, log-probabilities), ("text", i, (delta,
+        # logprobs)) and ("done", i, future) from the worker thread: call_soon_threadsafe keeps their order, so a
+        # row's prompt precedes its text, and its text its done.
         events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
 
         def post(kind: str, index: int, value: Any) -> None:
@@ -125,6 +136,7 @@ class Completions:
                 params,
                 on_text=functools.partial(post_text, i) if call.stream else None,
                 on_start=functools.partial(post, "start", 0) if call.stream and i == 0 else None,
+                on_prompt=functools.partial(post, "prompt", i) if call.stream and call.echo else None,
             )
             for i, (ids, params) in enumerate(call.choices())
         ]
@@ -148,13 +160,13 @@ class Completions:
         try:
             async with asyncio.timeout(self.state.config.request_timeout_s):
                 if call.stream:
-                    return await self._stream(request, rid, call, chat, events)
-                results = list(await asyncio.gather(*answers))
+                    return await self._stream(request, rid, call, chat, events, echoes)
+                results = [_shown(call, r) for r in await asyncio.gather(*answers)]
                 self._observe(results)
 
                 def build() -> dict[str, Any]:
                     model, text = self.state.model_id, self.engine.token_text
-                    return responses.completion_body(rid, model, results, chat, text, call.n)
+                    return responses.completion_body(rid, model, results, chat, text, call.n, echoes)
 
                 body = build() if call.params.logprobs is None else await self._off_loop(build)
                 return web.json_response(
@@ -172,7 +184,13 @@ class Completions:
             self.metrics.inflight.dec()
 
     async def _stream(
-        self, request: web.Request, rid: str, call: Call, chat: bool, events: asyncio.Queue[tuple[str, int, Any]]
+        self,
+        request: web.Request,
+        rid: str,
+        call: Call,
+        chat: bool,
+        events: asyncio.Queue[tuple[str, int, Any]],
+        echoes: list[responses.Echo] | None,
     ) -> web.StreamResponse:
         # Headers wait for the batch to start: only then is the adapter version known (and fixed).
         kind, _, value = await events.get()
@@ -202,17 +220,20 @@ class Completions:
             for i in range(choices):
                 await send(i, "", first=True)
         results: dict[int, GenerationResult] = {}
-        wanted = call.params.logprobs is not None
+        wanted, token_text = call.params.logprobs is not None, self.engine.token_text
         while len(results) < choices:
             kind, i, value = await events.get()
-            if kind == "text":
+            echo = echoes[i // call.n] if echoes else None
+            if kind == "prompt" and echo is not None:  # an echoed prompt leads its choice, as in a whole answer
+                await send(i, echo.text, logprobs=echo.logprobs_json(value, token_text) if value is not None else None)
+            elif kind == "text" and call.completion:
                 text, entries = value
-                await send(
-                    i, text, logprobs=responses.logprobs_json(entries, chat, self.engine.token_text) if wanted else None
-                )
+                shift = len(echo.text) if echo is not None else 0  # offsets count from the echoed prompt's start
+                logprobs = responses.logprobs_json(entries, chat, token_text, shift) if wanted else None
+                await send(i, text, logprobs=logprobs)
             elif kind == "done":
                 try:
-                    results[i] = value.result()
+                    results[i] = _shown(call, value.result())
                 except Exception as exc:  # headers are sent: report in-band, as OpenAI does
                     log.warning("streamed generation failed: %s", exc)
                     await response.write(responses.sse(ApiError(500, f"generation failed: {exc}").body()))
@@ -230,3 +251,13 @@ class Completions:
         for r in results:
             self.metrics.generated_tokens.inc(r.completion_tokens)
             self.metrics.ttft.observe(r.time_to_first_token_s)
+
+
+def _shown(call: Call, result: GenerationResult) -> GenerationResult:
+    """What a response shows of a result: ``max_tokens: 0`` (``echo``) shows the prompt alone, as OpenAI did;
+    the one token run is left out, from the text, the log-probabilities and ``usage``."""
+    if call.completion:
+        return result
+    return dataclasses.replace(
+        result, text="", token_ids=(), logprobs=None if result.logprobs is None else (), finish_reason="length"
+    )

@@ -1,7 +1,7 @@
 """The OpenAI wire format, incoming: request bodies checked field by field (``responses.py`` builds what goes out).
 
 Every problem is an ``ApiError`` naming the parameter (OpenAI's error shape). Fields hotswapd cannot
-honour (``echo``, ``logit_bias``, tools, ...) are refused by name rather than silently ignored; fields it
+honour (``logit_bias``, tools, chat's ``echo``, ...) are refused by name rather than silently ignored; fields it
 does not know (``user``, new client options) are ignored, as vLLM does.
 """
 
@@ -111,11 +111,11 @@ _NEUTRAL: dict[str, Any] = {
 }  # fmt: skip
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
-    """Parameters that would change the result if silently ignored."""
+def _refuse_unsupported(body: dict[str, Any], supported: tuple[str, ...] = ()) -> None:
+    """Parameters that would change the result if silently ignored (but for the endpoint's ``supported``)."""
     for name, neutral in _NEUTRAL.items():
         v = body.get(name)
-        if v is None or v == neutral:
+        if v is None or v == neutral or name in supported:
             continue
         if name == "response_format" and isinstance(v, dict) and v.get("type") == "text":
             continue
@@ -152,13 +152,19 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
 
 @dataclass(frozen=True)
 class Call:
-    """A checked request: token ids per prompt, how to sample, and ``n`` choices per prompt."""
+    """A checked request: token ids per prompt, how to sample, and ``n`` choices per prompt. With ``echo`` (the
+    completions API's), each choice's text starts with its prompt (``texts``: a prompt's own string, None where
+    it came as token ids), and the prompt's tokens lead its log-probabilities; ``completion`` False is
+    ``max_tokens: 0`` with ``echo``: the prompt alone (scoring it), one token run and not shown."""
 
     prompts: list[list[int]]
     params: SamplingParams
     stream: bool
     include_usage: bool
     n: int = 1
+    echo: bool = False
+    texts: tuple[str | None, ...] = ()
+    completion: bool = True
 
     def choices(self) -> list[tuple[list[int], SamplingParams]]:
         """One (prompt, params) per choice, in the response's order: prompt ``i``'s ``n`` choices at ``i * n``
@@ -192,8 +198,11 @@ def _params(
     default_max: int | None,
     defaults: Mapping[str, float],
     logprobs: int | None = None,
+    echo: bool = False,
 ) -> SamplingParams:
-    """``defaults``: the model's generation_config values (temperature, top_p, top_k) for what the body omits."""
+    """``defaults``: the model's generation_config values (temperature, top_p, top_k) for what the body omits;
+    with ``echo``, ``max_tokens`` may be 0 (run as 1: ``Call.completion``) and the prompt's log-probabilities
+    are asked with the completion's."""
     longest = max(len(p) for p in prompts)
     if longest >= max_seq_len:
         raise bad(
@@ -201,10 +210,11 @@ def _params(
             "prompt" if "prompt" in body else "messages",
             "context_length_exceeded",
         )
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    name = _max_tokens_name(body)
     room = max_seq_len - longest
-    max_tokens = _int(body, name, default_max if default_max is not None else room, 1, max_seq_len)
+    max_tokens = _int(body, name, default_max if default_max is not None else room, 0 if echo else 1, max_seq_len)
     assert max_tokens is not None
+    max_tokens = max(1, max_tokens)  # 0 (echo): the prompt alone; the one token run is not shown
     if max_tokens > room:
         raise bad(
             f"this model's maximum context length is {max_seq_len} tokens; you requested {longest + max_tokens} "
@@ -230,12 +240,18 @@ def _params(
         min_tokens=min_tokens or 0,
         ignore_eos=ignore_eos,
         logprobs=logprobs,
+        prompt_logprobs=logprobs if echo else None,
         presence_penalty=_number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
         repetition_penalty=_number(  # vLLM's extension
             body, "repetition_penalty", 1.0, 0.0, MAX_REPETITION_PENALTY, open_lo=True
         ),
     )
+
+
+def _max_tokens_name(body: dict[str, Any]) -> str:
+    """Chat's newer name wins where both are sent."""
+    return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
 
 
 def _model(body: dict[str, Any]) -> None:
@@ -254,7 +270,12 @@ def parse_completion(
     """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or lists of token ids
     (each below ``vocab_size``: an id past the embedding is refused here, before anything is streamed)."""
     _model(body)
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, supported=("echo",))
+    echo = body.get("echo", False)
+    if echo is None:
+        echo = False
+    if not isinstance(echo, bool):
+        raise bad("echo must be true or false", "echo")
     raw = body.get("prompt")
     if raw is None:
         raise bad("prompt is required", "prompt")
@@ -280,8 +301,13 @@ def parse_completion(
             raise bad("each prompt must be a string or a non-empty list of token ids", "prompt")
     stream, usage = _stream(body)
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)  # the alternatives per token; 0: the token's only
-    params = _params(body, prompts, max_seq_len, 16, defaults or {}, logprobs)
-    return Call(prompts, params, stream, usage, _n(body, len(prompts), max_prompts))
+    params = _params(body, prompts, max_seq_len, 16, defaults or {}, logprobs, echo)
+    n = _n(body, len(prompts), max_prompts)
+    if not echo:
+        return Call(prompts, params, stream, usage, n)
+    texts = tuple(item if isinstance(item, str) else None for item in items)
+    shown = body.get(_max_tokens_name(body)) != 0  # checked by _params: 0 is the prompt alone
+    return Call(prompts, params, stream, usage, n, echo=True, texts=texts, completion=shown)
 
 
 def _is_token(t: Any) -> bool:

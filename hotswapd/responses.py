@@ -7,9 +7,11 @@ import json
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from hotswap_core.generation import GenerationResult, TokenLogprob
+from hotswap_core.detokenize import IncrementalDetokenizer
+from hotswap_core.generation import GenerationResult, Scored, TokenLogprob
 from hotswap_core.history import Superseded, SwapRecord
 from hotswap_core.slots import AdapterVersion
 
@@ -59,10 +61,50 @@ def finish_reason(r: GenerationResult) -> str:
 TokenText = Callable[[int], str]  # a token id's own text (``detokenize.TokenTexts``)
 
 
-def logprobs_json(entries: tuple[TokenLogprob, ...] | None, chat: bool, token_text: TokenText) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Echo:
+    """A prompt shown before its completion (the completions API's ``echo``): its text, its tokens, and where
+    each token's text starts in it (``offsets``, characters; empty unless log-probabilities were asked)."""
+
+    text: str
+    ids: tuple[int, ...]
+    offsets: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, text: str | None, ids: list[int], decode: Callable[[list[int]], str], offsets: bool) -> Echo:
+        """The prompt's own string (``text``), or its tokens decoded where it came as ids; ``offsets`` as a
+        completion's are counted (``detokenize.IncrementalDetokenizer``, constant cost per token)."""
+        if not offsets:
+            return cls(decode(ids) if text is None else text, tuple(ids))
+        detok, starts = IncrementalDetokenizer(decode), []
+        for token in ids:
+            starts.append(len(detok.text))
+            detok.push(token)
+        detok.finish()
+        return cls(detok.text if text is None else text, tuple(ids), tuple(starts))
+
+    def logprobs_json(self, scored: tuple[Scored, ...], token_text: TokenText) -> dict[str, Any]:
+        """The prompt's log-probabilities in the completions API's lists: the first token has none (no context
+        to be scored in: ``None``, as OpenAI and vLLM show it), each later one its own and its alternatives'."""
+        tops = [
+            {**{token_text(t): lp for t, lp in top}, token_text(token): lp}
+            for token, (lp, top) in zip(self.ids[1:], scored, strict=True)
+        ]
+        return {
+            "tokens": [token_text(t) for t in self.ids],
+            "token_logprobs": [None, *(lp for lp, _ in scored)],
+            "top_logprobs": [None, *tops],
+            "text_offset": list(self.offsets),
+        }
+
+
+def logprobs_json(
+    entries: tuple[TokenLogprob, ...] | None, chat: bool, token_text: TokenText, shift: int = 0
+) -> dict[str, Any] | None:
     """Log-probabilities as OpenAI shows them: chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}``
     (``bytes``: the UTF-8 of the token's text), or the completions API's parallel lists, whose ``top_logprobs``
-    maps each alternative's text to its log-probability and includes the chosen token, as vLLM's does."""
+    maps each alternative's text to its log-probability and includes the chosen token, as vLLM's does;
+    ``shift``: the characters before the completion's text (an echoed prompt), added to its offsets."""
     if entries is None:
         return None
     if chat:
@@ -82,14 +124,32 @@ def logprobs_json(entries: tuple[TokenLogprob, ...] | None, chat: bool, token_te
         "top_logprobs": [
             {**{token_text(t): lp for t, lp in e.top}, token_text(e.token_id): e.logprob} for e in entries
         ],
-        "text_offset": [e.offset for e in entries],
+        "text_offset": [shift + e.offset for e in entries],
     }
 
 
+def _echoed(echo: Echo, r: GenerationResult, token_text: TokenText) -> tuple[str, dict[str, Any] | None]:
+    """A completions choice's text and log-probabilities with its prompt in front."""
+    text = echo.text + r.text
+    if r.logprobs is None or r.prompt_logprobs is None:
+        return text, None
+    both = echo.logprobs_json(r.prompt_logprobs, token_text)
+    after = logprobs_json(r.logprobs, False, token_text, len(echo.text))
+    assert after is not None
+    return text, {key: both[key] + after[key] for key in both}
+
+
 def completion_body(
-    rid: str, model: str, results: list[GenerationResult], chat: bool, token_text: TokenText, n: int = 1
+    rid: str,
+    model: str,
+    results: list[GenerationResult],
+    chat: bool,
+    token_text: TokenText,
+    n: int = 1,
+    echoes: list[Echo] | None = None,
 ) -> dict[str, Any]:
-    """A whole response; ``n`` choices per prompt (for ``usage``), ``token_text`` names tokens in log-probabilities."""
+    """A whole response; ``n`` choices per prompt (for ``usage``), ``token_text`` names tokens in log-probabilities,
+    ``echoes`` (per prompt) put the prompts in front of their completions."""
     if chat:
         choices: list[dict[str, Any]] = [
             {"index": i, "message": {"role": "assistant", "content": r.text},
@@ -97,11 +157,14 @@ def completion_body(
             for i, r in enumerate(results)
         ]  # fmt: skip
     else:
-        choices = [
-            {"index": i, "text": r.text, "logprobs": logprobs_json(r.logprobs, chat, token_text),
-             "finish_reason": finish_reason(r)}
+        shown = [
+            _echoed(echoes[i // n], r, token_text) if echoes else (r.text, logprobs_json(r.logprobs, chat, token_text))
             for i, r in enumerate(results)
-        ]  # fmt: skip
+        ]
+        choices = [
+            {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(r)}
+            for i, (r, (text, logprobs)) in enumerate(zip(results, shown, strict=True))
+        ]
     return {
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",

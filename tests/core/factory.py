@@ -19,8 +19,10 @@ def make_adapter(
     targets: list[str],
     seed: int = 0,
     std: float = 0.15,
+    save_embedding_layers: bool | str = "auto",
     **lora_kwargs: Any,
 ) -> Path:
+    """``save_embedding_layers``: PEFT saves the whole output head beside a LoRA on it unless told not to."""
     model = AutoModelForCausalLM.from_pretrained(base)
     peft_model = get_peft_model(
         model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, **lora_kwargs)
@@ -30,7 +32,7 @@ def make_adapter(
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(out, save_embedding_layers=save_embedding_layers)
     return out
 
 

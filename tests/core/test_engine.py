@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, SamplingParams
 from hotswap_core.history import History
+from hotswap_core.scheduler import Group
 from hotswap_core.slots import BASE_VERSION
 from hotswap_core.swap import Swapper
 
@@ -299,6 +301,102 @@ def test_logprobs_are_the_models_own_whatever_shares_the_batch(
     greedy = mixed[0].logprobs
     assert greedy is not None and all(e.top[0][0] == e.token_id for e in greedy)  # greedy takes the most likely
     assert [e.offset for e in greedy] == sorted(e.offset for e in greedy) and greedy[0].offset == 0
+
+
+def test_prompt_logprobs_are_the_models_own_in_pieces_on_each_rows_slot(
+    engine: Any, demo_config: Any, demo_assets: Any, adapters: dict[str, Path], tokenizer: Any, monkeypatch: Any
+) -> None:
+    """Each prompt token after the first, scored in the context before it, equals a fresh eager PeftModel's
+    log-softmax there (teacher forcing over the prompt), with its top alternatives: for rows of two versions
+    in one prefill (the head runs on each row's slot), with the prompt scored in pieces of 3 positions, beside a row
+    that does not ask, whose tokens do not change; a one-token prompt has nothing to score."""
+    import hotswap_core.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "_SCORE_ELEMENTS", engine.vocab_size * 3)
+    swap = Swapper(engine, demo_config.validation, History(None)).swap
+    assert swap(adapters["r2_alpha7"]).result in ("success", "unchanged")
+    old = engine.slots.live
+    assert swap(adapters["r8_full"]).result == "success"
+    prompts = ["The quick brown fox jumps over the lazy dog =>", "日本語 ok => abc", "a"]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    plain = engine.generate(prompts[1:2], params)[0]
+    asking = [
+        GenerationRequest(prompts[0], dataclasses.replace(params, prompt_logprobs=4)),
+        GenerationRequest(prompts[1], params),
+        GenerationRequest(prompts[2], dataclasses.replace(params, prompt_logprobs=2)),
+    ]
+    on_old = GenerationRequest(prompts[0], dataclasses.replace(params, prompt_logprobs=0))
+    hold = threading.Event()
+    held = engine.between_steps(hold.wait)  # the worker waits while both groups queue: one prefill takes them
+    futures = engine.submit_group(asking)
+    engine._enqueue(Group([on_old], slot=old))  # the old version's row, last in the prefill
+    hold.set()
+    held.result(10)
+    results = [f.result(60) for f in futures]
+    assert results[1].token_ids == plain.token_ids and results[1].prompt_logprobs is None
+    assert results[2].prompt_logprobs == ()  # "a": one token, no context to score it in
+    old_result = on_old.future.result(60)
+    assert old_result.adapter.version != results[0].adapter.version
+    for result, adapter, top in ((results[0], "r8_full", 4), (old_result, "r2_alpha7", 0)):
+        ids = tokenizer.encode(prompts[0], add_special_tokens=False)
+        want = eager_logprobs(demo_assets.base, adapters[adapter], ids[:1], ids[1:])  # [len - 1, V]
+        assert result.prompt_logprobs is not None and len(result.prompt_logprobs) == len(ids) - 1 > 6
+        for t, (logprob, alternatives) in enumerate(result.prompt_logprobs):
+            assert logprob == pytest.approx(float(want[t, ids[t + 1]]), abs=ATOL)
+            assert [token for token, _ in alternatives] == want[t].topk(top).indices.tolist()
+            for token, lp in alternatives:
+                assert lp == pytest.approx(float(want[t, token]), abs=ATOL)
+
+
+def test_a_lora_output_head_serves_as_eager_peft_and_scores_each_prompt_on_its_rows_slot(
+    demo_config: Any, demo_assets: Any, tmp_path: Path
+) -> None:
+    """A layout with ``lm_head`` (whose input is one position per row, [rows, hidden]) serves an adapter that
+    trains it as a fresh eager PeftModel does: generated tokens' and prompts' log-probabilities. A row of the
+    previous version (the base) prefilled after the adapter's scores its prompt on its own slot's head.
+    Uncompiled: the layout is the point here, and a second compiled engine costs a minute."""
+    config = dataclasses.replace(
+        demo_config,
+        model=dataclasses.replace(
+            demo_config.model, compile=dataclasses.replace(demo_config.model.compile, enabled=False)
+        ),
+        adapter=dataclasses.replace(
+            demo_config.adapter, target_modules=(*demo_config.adapter.target_modules, "lm_head"), initial=None
+        ),
+    )
+    head = make_adapter(
+        demo_assets.base, tmp_path / "head", r=4, alpha=8, targets=["q_proj", "v_proj", "lm_head"], seed=11,
+        save_embedding_layers=False,
+    )  # fmt: skip
+    from hotswap_core.engine import Engine
+
+    eng = Engine(config)
+    eng.load()
+    eng.start()
+    try:
+        assert Swapper(eng, config.validation, History(None)).swap(head).result == "success"
+        ids = eng.tokenizer.encode("Hello => abc", add_special_tokens=False)
+        params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+        hold = threading.Event()
+        held = eng.between_steps(hold.wait)
+        on_head = eng.submit(GenerationRequest(ids, params))
+        on_base = GenerationRequest(ids, params)
+        eng._enqueue(Group([on_base], slot=eng.slots.standby))  # the base, last in the prefill
+        hold.set()
+        held.result(10)
+        for result, adapter in ((on_head.result(60), head), (on_base.future.result(60), None)):
+            assert result.adapter.version == ("head" if adapter else "base")
+            assert result.logprobs is not None and result.prompt_logprobs is not None
+            generated = eager_logprobs(demo_assets.base, adapter, ids, list(result.token_ids))
+            assert [e.logprob for e in result.logprobs] == pytest.approx(
+                [float(generated[t, e.token_id]) for t, e in enumerate(result.logprobs)], abs=ATOL
+            )
+            prompt = eager_logprobs(demo_assets.base, adapter, ids[:1], ids[1:])
+            assert [lp for lp, _ in result.prompt_logprobs] == pytest.approx(
+                [float(prompt[t, ids[t + 1]]) for t in range(len(ids) - 1)], abs=ATOL
+            )
+    finally:
+        eng.stop()
 
 
 def test_a_failure_computing_logprobs_fails_only_the_rows_that_asked(engine: Any, monkeypatch: Any) -> None:

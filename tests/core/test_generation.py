@@ -221,15 +221,33 @@ def test_ignore_eos_generates_max_tokens_and_min_tokens_masks_eos(
     eos_first[0, EOS], eos_first[0, 70] = 10.0, 1.0  # EOS is the argmax, byte 70 the runner-up
     row = _row(decode, max_tokens=4)
     row.push(sample(eos_first, [row])[0])
-    assert (row.finish_reason, row.ids) == ("stop", [])
+    assert (row.finish_reason, row.ids, row.text) == ("stop", [EOS], "")  # a token of the output, not of its text
     row = _row(decode, max_tokens=4, min_tokens=3)
     while not row.done:
         row.push(sample(eos_first, [row])[0])
-    assert row.ids[:3] == [70, 70, 70] and row.finish_reason == "stop" and len(row.ids) == 3
+    assert row.ids == [70, 70, 70, EOS] and row.finish_reason == "stop"
     row = _row(decode, max_tokens=4, ignore_eos=True)
     while not row.done:
         row.push(sample(eos_first, [row])[0])
     assert (row.ids, row.finish_reason) == ([EOS] * 4, "length")
+
+
+def test_an_eos_that_ends_the_text_is_counted_and_scored_but_not_shown(demo_decode: tuple[Decode, int]) -> None:
+    """As in vLLM: the EOS is a token of the output (``ids``, so ``usage.completion_tokens``) with its
+    log-probability entry, at the end of the text, delivered with the stream's last delta; its text is not shown.
+    (lm-eval reads ``token_logprobs[ctxlen:-1]``: without the entry its continuation's last token would be lost.)"""
+    decode, _ = demo_decode
+    deltas: list[tuple[str, tuple[TokenLogprob, ...]]] = []
+    row = RowState(
+        GenerationRequest("x", SamplingParams(max_tokens=4, logprobs=1), on_text=lambda t, lp: deltas.append((t, lp))),
+        [0], decode, frozenset({EOS}),
+    )  # fmt: skip
+    row.push(70, (-0.5, ((70, -0.5),)))
+    row.push(EOS, (-0.25, ((EOS, -0.25),)))
+    assert (row.ids, row.text, row.finish_reason) == ([70, EOS], "F", "stop")
+    assert row.logprobs == [TokenLogprob(70, -0.5, ((70, -0.5),), 0), TokenLogprob(EOS, -0.25, ((EOS, -0.25),), 1)]
+    assert "".join(t for t, _ in deltas) == "F" and [e for _, lp in deltas for e in lp] == row.logprobs
+    assert deltas[-1][1][-1].token_id == EOS
 
 
 def test_min_tokens_defers_stop_strings(demo_decode: tuple[Decode, int], demo_tokenizer: Any) -> None:

@@ -256,7 +256,9 @@ def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess)
     assert whole.usage.completion_tokens == sum(len(lp.tokens or []) for lp in lps if lp is not None)
     lp = lps[0]
     assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset is not None
-    assert "".join(lp.tokens) == whole.choices[0].text and all(t <= 0 for t in lp.token_logprobs)
+    eos = whole.choices[0].finish_reason == "stop"  # no stop strings: the EOS ended it, scored but not shown
+    assert "".join(lp.tokens[: len(lp.tokens) - eos]) == whole.choices[0].text
+    assert all(t <= 0 for t in lp.token_logprobs)
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
     for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert top[token] == chosen == max(top.values()) and len(top) <= 4  # texts may collide (U+FFFD bytes)
@@ -264,7 +266,8 @@ def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess)
                                            stream=True))  # fmt: skip
     tokens = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens or []]
     offsets = [o for p in parts if p.choices[0].logprobs for o in p.choices[0].logprobs.text_offset or []]
-    assert "".join(p.choices[0].text for p in parts) == "".join(tokens) and offsets == lp.text_offset
+    assert "".join(p.choices[0].text for p in parts) == "".join(tokens[: len(tokens) - eos])
+    assert offsets == lp.text_offset
     single = alone.choices[0].logprobs  # the same prompt alone (another decode bucket): the same values
     assert single is not None and single.tokens == lp.tokens and single.token_logprobs is not None
     assert single.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-4)
@@ -281,7 +284,9 @@ def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess)
         model="m", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2, n=2
     )  # type: ignore[call-overload]
     content = chat.choices[1].logprobs.content  # type: ignore[union-attr]
-    assert content is not None and "".join(t.token for t in content) == chat.choices[1].message.content
+    eos = chat.choices[1].finish_reason == "stop"
+    shown = content[: len(content) - eos] if content else content
+    assert shown is not None and "".join(t.token for t in shown) == chat.choices[1].message.content
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in content)
     assert all(bytes(t.bytes or []) == t.token.encode() for t in content)
     none = client.chat.completions.create(model="m", messages=messages, max_tokens=4, logprobs=True)
@@ -296,6 +301,60 @@ def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess)
     assert [t.token for t in streamed[1]] == [t.token for t in content]
     assert [t.logprob for t in streamed[1]] == pytest.approx([t.logprob for t in content], abs=1e-4)
     assert [t.token for t in streamed[0]] == [t.token for t in streamed[1]]  # n=2 greedy: the same text
+
+
+def test_echo_scores_prompts_as_lm_eval_asks(daemon: DaemonProcess, demo_assets: DemoAssets) -> None:
+    """lm-eval's loglikelihood request (its ``local-completions`` model: token-id prompts, ``echo``, ``logprobs``
+    1, ``max_tokens`` 1, temperature 0) through the real openai client: every prompt token after the first gets the
+    live version's log-probability as a fresh eager PeftModel computes it. ``max_tokens: 0`` shows the prompt
+    alone; a stream shows the same prompt, tokens and offsets as the whole answer."""
+    import httpx2
+    import openai
+    from transformers import AutoTokenizer
+
+    from ..core.factory import eager_logprobs
+
+    http = httpx2.Client(transport=httpx2.HTTPTransport(uds=str(daemon.sock)))
+    client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
+    tokenizer = AutoTokenizer.from_pretrained(demo_assets.base)
+    texts = ["The quick brown fox => jumps", "Hello => 日本"]
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    live = daemon.client.get("/v1/adapters")["live"]
+    scored = client.completions.create(
+        model="m", prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0, seed=1234
+    )
+    for ids, text, choice in zip(prompts, texts, scored.choices, strict=True):
+        lp = choice.logprobs
+        assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset
+        assert len(lp.tokens) == len(ids) + 1 and choice.text.startswith(text)  # the prompt, then one token
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first token has no context
+        want = eager_logprobs(demo_assets.base, Path(live["path"]), ids[:1], ids[1:])  # [len - 1, V]
+        got = lp.token_logprobs[1 : len(ids)]
+        assert got == pytest.approx([float(want[t, ids[t + 1]]) for t in range(len(ids) - 1)], abs=2e-4)
+        greedy = [max(top.values()) == chosen for chosen, top in zip(got, lp.top_logprobs[1 : len(ids)], strict=True)]
+        assert greedy == [ids[t + 1] == int(want[t].argmax()) for t in range(len(ids) - 1)]  # lm-eval's is_greedy
+        assert lp.text_offset[: len(ids)] == sorted(lp.text_offset[: len(ids)]) and lp.text_offset[-1] == len(text)
+    assert scored.model_extra and scored.model_extra["adapter"]["version"] == live["version"]
+
+    alone = client.completions.create(model="m", prompt=texts[0], echo=True, logprobs=0, max_tokens=0)
+    assert alone.choices[0].text == texts[0] and alone.choices[0].finish_reason == "length"
+    assert alone.usage is not None and alone.usage.completion_tokens == 0
+    lp0 = alone.choices[0].logprobs
+    assert lp0 is not None and lp0.token_logprobs is not None and len(lp0.token_logprobs) == len(prompts[0])
+    assert lp0.token_logprobs[1:] == pytest.approx(scored.choices[0].logprobs.token_logprobs[1:-1], abs=1e-4)  # type: ignore[union-attr]
+    plain = client.completions.create(model="m", prompt=texts[1], echo=True, max_tokens=4, temperature=0)
+    assert plain.choices[0].text.startswith(texts[1]) and plain.choices[0].logprobs is None
+
+    whole = client.completions.create(model="m", prompt=texts[1], echo=True, logprobs=2, max_tokens=6, temperature=0)
+    parts = list(client.completions.create(model="m", prompt=texts[1], echo=True, logprobs=2, max_tokens=6,
+                                           temperature=0, stream=True))  # fmt: skip
+    assert parts[0].choices[0].text == texts[1]  # the prompt leads the stream
+    assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+    streamed = [p.choices[0].logprobs for p in parts if p.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens or []] == whole.choices[0].logprobs.tokens  # type: ignore[union-attr]
+    assert [o for lp in streamed for o in lp.text_offset or []] == whole.choices[0].logprobs.text_offset  # type: ignore[union-attr]
+    none = list(client.completions.create(model="m", prompt=texts[0], echo=True, max_tokens=0, stream=True))
+    assert "".join(p.choices[0].text for p in none) == texts[0] and none[-1].choices[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize(

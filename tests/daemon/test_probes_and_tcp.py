@@ -18,6 +18,7 @@ from typing import Any
 
 import openai
 import pytest
+import torch
 
 from hotswapd.bench.fakehub import FakeHub
 from hotswapd.bench.fleet import adapter_files
@@ -132,6 +133,56 @@ def test_listen_tcp_serves_inference_to_the_openai_client_and_refuses_admin_verb
         assert metric(text, series) is not None, series
     assert metric(text, f'hotswapd_adapter_info{{sha256="{_sha256(proc)}",source="hub",version="{REPO}@{first}"}}') == 1
     assert metric(text, 'hotswapd_requests_total{code="200",endpoint="completions"}') is not None
+
+
+def test_lm_evaluation_harness_scores_and_generates_over_tcp(
+    fleet_member: tuple[DaemonProcess, FakeHub, int, list[tuple[int, str]], str], demo_assets: DemoAssets
+) -> None:
+    """lm-evaluation-harness's own ``local-completions`` model against ``listen_tcp``, as the README points it:
+    each continuation's log-likelihood equals a fresh eager PeftModel's on the live version (alpha), and whether
+    it is the greedy continuation agrees; a rolling (perplexity) request and ``generate_until`` run too."""
+    import yaml
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from transformers import AutoTokenizer
+
+    from ..core.factory import eager_logprobs
+
+    proc, _, port, _, first = fleet_member
+    assert proc.live() == f"{REPO}@{first}"  # alpha's files
+    lm = LocalCompletionsAPI(
+        base_url=f"http://127.0.0.1:{port}/v1/completions", model="m", tokenizer_backend="huggingface",
+        tokenizer=str(demo_assets.base), max_length=yaml.safe_load(proc.config.read_text())["model"]["max_seq_len"],
+        num_concurrent=1, max_retries=1, batch_size=4,
+    )  # fmt: skip
+    pairs = [("Hello =>", " alpha"), ("Hello =>", " bravo"), ("The quick brown fox", " jumps over"), ("日本", "語")]
+    got = lm.loglikelihood(
+        [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(demo_assets.base)
+    for (context, continuation), (loglikelihood, is_greedy) in zip(pairs, got, strict=True):
+        whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+        ctx = tokenizer.encode(context, add_special_tokens=False)
+        want = eager_logprobs(demo_assets.base, demo_assets.alpha, ctx, whole[len(ctx) :])  # [continuation, V]
+        chosen = want.gather(1, torch.tensor(whole[len(ctx) :])[:, None])
+        assert loglikelihood == pytest.approx(float(chosen.sum()), abs=1e-3), (context, continuation)
+        assert is_greedy == bool((want.argmax(dim=1) == torch.tensor(whole[len(ctx) :])).all())
+    assert [greedy for _, greedy in got] == [True, False, False, False]  # alpha's demo adapter says " alpha"
+    rolling = lm.loglikelihood_rolling(
+        [Instance(request_type="loglikelihood_rolling", doc={}, arguments=("The quick brown fox. " * 4,), idx=0)]
+    )
+    assert len(rolling) == 1 and rolling[0] < 0
+    text = lm.generate_until(
+        [
+            Instance(
+                request_type="generate_until",
+                doc={},
+                arguments=("Hello =>", {"until": ["\n"], "max_gen_toks": 8}),
+                idx=0,
+            )
+        ]
+    )
+    assert text[0].startswith(" alpha"), text
 
 
 def test_refresh_makes_the_hub_source_look_now_and_head_info_follows(

@@ -19,7 +19,7 @@ from hotswapd.protocol import (
     parse_completion,
     parse_json,
 )
-from hotswapd.responses import chunk, completion_body, logprobs_json, sse, usage_chunk
+from hotswapd.responses import Echo, chunk, completion_body, logprobs_json, sse, usage_chunk
 
 SEQ = 64
 
@@ -178,12 +178,28 @@ def test_stream_refused(body: dict[str, Any], param: str) -> None:
 
 @pytest.mark.parametrize(
     "name, value",
-    [("best_of", 3), ("echo", True), ("logit_bias", {"1": 5}), ("suffix", "x"), ("tools", [{}])],
+    [("best_of", 3), ("logit_bias", {"1": 5}), ("suffix", "x"), ("tools", [{}])],
 )  # fmt: skip
 def test_unsupported_parameters_refused(name: str, value: Any) -> None:
     err = refused(comp, {name: value}, name, "unsupported_parameter")
     assert name in err.message
     refused(chat, {name: value}, name, "unsupported_parameter")
+
+
+def test_echo() -> None:
+    """Completions' ``echo``: the prompt's own string kept (None for token ids), its log-probabilities asked with
+    the completion's; ``max_tokens: 0`` only with it (the prompt alone, one token run). Chat has no echo."""
+    call = comp(prompt=["ab", [7, 8, 9]], echo=True, logprobs=2, max_tokens=0)
+    assert (call.echo, call.texts, call.completion) == (True, ("ab", None), False)
+    assert (call.params.max_tokens, call.params.prompt_logprobs, call.params.logprobs) == (1, 2, 2)
+    assert comp(echo=True, max_tokens=1).completion and comp(echo=True).params.prompt_logprobs is None
+    assert not comp(echo=False).echo and comp(logprobs=3).params.prompt_logprobs is None
+    assert not comp(echo=True, max_completion_tokens=0, max_tokens=5).completion  # the newer name wins
+    refused(comp, {"max_tokens": 0}, "max_tokens")  # without echo there would be nothing to show
+    refused(comp, {"echo": True, "max_tokens": -1}, "max_tokens")
+    for bad_value in (1, "true", [True]):
+        refused(comp, {"echo": bad_value}, "echo")
+    refused(chat, {"echo": True}, "echo", "unsupported_parameter")
 
 
 def test_neutral_and_unknown_fields_accepted() -> None:
@@ -349,6 +365,29 @@ def test_logprobs_and_n_in_bodies_and_chunks() -> None:
     assert streamed["choices"][0]["logprobs"]["content"][0]["token"] == "é"
     assert usage_chunk("rid", "m", False, answers, 2)["usage"]["prompt_tokens"] == 3
     json.dumps(body), json.dumps(chat_body)
+
+
+def test_echoed_prompts_lead_their_completions() -> None:
+    """An echoed choice: the prompt's text, then the completion's; its tokens' log-probabilities first (the first
+    token none), the completion's offsets moved past the prompt; ``n`` choices share their prompt's echo."""
+    texts = {1: "a", 2: "é", 3: "<eos>", 4: "xy"}
+    echo = Echo.of(None, [4, 2, 1], lambda ids: "".join(texts[t] for t in ids), offsets=True)
+    assert (echo.text, echo.ids, echo.offsets) == ("xyéa", (4, 2, 1), (0, 2, 3))
+    assert Echo.of("own", [4], str, offsets=False) == Echo("own", (4,))
+    entries = (TokenLogprob(3, -0.25, ((3, -0.25),), 0),)
+    scored = ((-1.5, ((1, -0.5),)), (-0.75, ((1, -0.75), (3, -2.0))))
+    answer = dataclasses.replace(result("<eos>", 1, 3, "length"), logprobs=entries, prompt_logprobs=scored)
+    body = completion_body("rid", "m", [answer, answer], False, texts.__getitem__, 2, [echo])
+    assert [c["text"] for c in body["choices"]] == ["xyéa<eos>"] * 2
+    assert body["choices"][1]["logprobs"] == {
+        "tokens": ["xy", "é", "a", "<eos>"],
+        "token_logprobs": [None, -1.5, -0.75, -0.25],
+        "top_logprobs": [None, {"a": -0.5, "é": -1.5}, {"a": -0.75, "<eos>": -2.0}, {"<eos>": -0.25}],
+        "text_offset": [0, 2, 3, 4],
+    }
+    plain = dataclasses.replace(answer, logprobs=None, prompt_logprobs=None)
+    assert completion_body("rid", "m", [plain], False, str, 1, [echo])["choices"][0]["logprobs"] is None
+    json.dumps(body)
 
 
 def test_sse() -> None:
