@@ -399,6 +399,9 @@ class Engine:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside this model's vocabulary (0 to {self.vocab_size - 1})")
+        biased = next((t for t, _ in request.params.logit_bias if t >= self.vocab_size), None)
+        if biased is not None:  # indexing past the logits would fail the whole step, not this request
+            raise ValueError(f"logit_bias: token id {biased} is outside this model's vocabulary")
         if len(ids) + request.params.max_tokens > self.max_seq_len:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) exceeds "

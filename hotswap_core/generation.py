@@ -21,6 +21,7 @@ from hotswap_core.slots import AdapterVersion
 log = logging.getLogger("hotswapd.engine")
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as OpenAI's
+MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100], as OpenAI's: -100 bans a token, 100 all but forces it
 MAX_REPETITION_PENALTY = 10.0  # far past any useful value (1.05-1.3); a bound keeps a typo from flattening the text
 # A token's log-probability, and its step's most likely tokens as (id, log-probability), most likely first.
 Scored = tuple[float, tuple[tuple[int, float], ...]]
@@ -47,10 +48,18 @@ class SamplingParams:
     # None: none; k: each prompt token's log-probability after the first, with the k most likely tokens' at its
     # position (vLLM's ``prompt_logprobs``; the completions API's ``echo`` with ``logprobs``).
     prompt_logprobs: int | None = None
+    # OpenAI's: (token id, bias) pairs, each bias added to that token's logit before the row draws.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
-    def penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+    def adjusted(self) -> bool:
+        """Whether the row's logits change before it draws: penalties or a logit bias."""
+        return (
+            self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.repetition_penalty != 1
+            or bool(self.logit_bias)
+        )
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -70,6 +79,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)}")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias: token {token} must be >= 0, its bias in [-100, 100], got {bias}")
         if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise ValueError(
                 f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}"
@@ -176,8 +188,8 @@ class RowState:
         return self.params.min_tokens
 
     @property
-    def penalized(self) -> bool:
-        return self.params.penalized
+    def adjusted(self) -> bool:
+        return self.params.adjusted
 
     def uniform(self) -> float:
         """The next number in [0, 1) of this row's random stream, seeded from the request (or at random): its

@@ -55,9 +55,9 @@ class Row(Protocol):
     @property
     def min_tokens(self) -> int: ...
     @property
-    def penalized(self) -> bool: ...
+    def adjusted(self) -> bool: ...
     @property
-    def params(self) -> Any: ...  # generation.SamplingParams: the penalties
+    def params(self) -> Any: ...  # generation.SamplingParams: the penalties and the logit bias
 
     prompt_ids: list[int]
 
@@ -145,7 +145,7 @@ def _finite(logprob: float) -> float:
 def _filters(row: Row, number: float, vocab: int) -> bool:
     """Whether ``row`` is drawn outside the forward this step: EOS is still masked for it, or it draws with a
     top-k or top-p bound (the argmax is the same with or without those)."""
-    if (row.eos_ids and len(row.ids) < row.min_tokens) or row.penalized:
+    if (row.eos_ids and len(row.ids) < row.min_tokens) or row.adjusted:
         return True
     return number >= 0 and (0 < row.top_k < vocab or row.top_p < 1.0)
 
@@ -153,7 +153,7 @@ def _filters(row: Row, number: float, vocab: int) -> bool:
 def _filtered(logits: torch.Tensor, rows: Sequence[Row], numbers: Sequence[float]) -> torch.Tensor:
     """The next token [R] of rows that mask EOS or filter: greedy rows take the masked argmax, the others draw
     from what their top-k and top-p leave (the same inverse transform as ``draw``, over the candidates)."""
-    logits = _penalize(_mask_early_eos(logits, rows), rows)
+    logits = _adjust(_mask_early_eos(logits, rows), rows)
     inputs = draw_inputs(rows, numbers, len(rows), range(len(rows))).to(logits.device, non_blocking=True)
     drawing = [u >= 0 for u in numbers]
     values, order = _top_k_top_p(
@@ -182,11 +182,12 @@ def _inverse_cdf(values: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return (cdf <= target).sum(dim=-1).clamp(max=values.shape[-1] - 1)
 
 
-def _penalize(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-    """Each penalized row's logits [R, V] after its penalties, as OpenAI and vLLM apply them: the repetition
+def _adjust(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Each adjusted row's logits [R, V] after its penalties, as OpenAI and vLLM apply them: the repetition
     penalty over the tokens of its prompt and output (a positive logit divided by it, a negative one multiplied),
-    then ``frequency x count + presence x (count > 0)`` subtracted, counting its output tokens."""
-    marked = [(i, r) for i, r in enumerate(rows) if r.penalized]
+    then ``frequency x count + presence x (count > 0)`` subtracted, counting its output tokens; then its logit
+    bias added."""
+    marked = [(i, r) for i, r in enumerate(rows) if r.adjusted]
     if not marked:
         return logits
     logits = logits.float().clone()  # [R, V]
@@ -200,6 +201,9 @@ def _penalize(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
         if r.ids and (p.frequency_penalty or p.presence_penalty):
             counts = torch.bincount(torch.tensor(r.ids, dtype=torch.long, device=device), minlength=logits.shape[-1])
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.logit_bias:
+            tokens = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=device)
+            logits[i, tokens] += torch.tensor([b for _, b in p.logit_bias], device=device)
     return logits
 
 

@@ -84,6 +84,7 @@ class Completions:
                 self.engine.max_seq_len,
                 self.engine.max_batch_size,
                 self.engine.sampling_defaults,
+                self.engine.vocab_size,
             )
 
         call = await self._off_loop(parse)

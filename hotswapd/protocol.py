@@ -1,7 +1,7 @@
 """The OpenAI wire format, incoming: request bodies checked field by field (``responses.py`` builds what goes out).
 
 Every problem is an ``ApiError`` naming the parameter (OpenAI's error shape). Fields hotswapd cannot
-honour (``logit_bias``, tools, chat's ``echo``, ...) are refused by name rather than silently ignored; fields it
+honour (``best_of``, tools, chat's ``echo``, ...) are refused by name rather than silently ignored; fields it
 does not know (``user``, new client options) are ignored, as vLLM does.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from hotswap_core.generation import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, SamplingParams
+from hotswap_core.generation import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, SamplingParams
 
 MAX_STOP = 4  # as OpenAI
 MAX_PROMPTS = 64
@@ -106,7 +106,7 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
 
 # Parameters hotswapd does not implement, with the value that means "not used".
 _NEUTRAL: dict[str, Any] = {
-    "best_of": 1, "echo": False, "suffix": None, "logit_bias": {}, "tools": [], "functions": [],
+    "best_of": 1, "echo": False, "suffix": None, "tools": [], "functions": [],
     "tool_choice": "none", "response_format": {"type": "text"},
 }  # fmt: skip
 
@@ -199,6 +199,7 @@ def _params(
     defaults: Mapping[str, float],
     logprobs: int | None = None,
     echo: bool = False,
+    vocab_size: int | None = None,
 ) -> SamplingParams:
     """``defaults``: the model's generation_config values (temperature, top_p, top_k) for what the body omits;
     with ``echo``, ``max_tokens`` may be 0 (run as 1: ``Call.completion``) and the prompt's log-probabilities
@@ -241,6 +242,7 @@ def _params(
         ignore_eos=ignore_eos,
         logprobs=logprobs,
         prompt_logprobs=logprobs if echo else None,
+        logit_bias=_logit_bias(body, vocab_size),
         presence_penalty=_number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
         repetition_penalty=_number(  # vLLM's extension
@@ -252,6 +254,30 @@ def _params(
 def _max_tokens_name(body: dict[str, Any]) -> str:
     """Chat's newer name wins where both are sent."""
     return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+
+
+def _logit_bias(body: dict[str, Any], vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: token ids (as JSON keys, decimal strings) to a bias in [-100, 100] added to that
+    token's logit before sampling (-100 bans it; 100 all but forces it). Each id below ``vocab_size``."""
+    raw = body.get("logit_bias")
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise bad('logit_bias must be an object of token ids to numbers, like {"50256": -100}', "logit_bias")
+    out = []
+    for key, value in raw.items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 10:
+            raise bad(f"logit_bias keys are token ids (decimal strings), got {json.dumps(key)[:40]}", "logit_bias")
+        token = int(key)
+        if vocab_size is not None and token >= vocab_size:
+            raise bad(f"logit_bias: token id {token} is outside this model's vocabulary (0 to {vocab_size - 1})",
+                      "logit_bias")  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(f"logit_bias[{key}] must be a number, got {json.dumps(value)[:40]}", "logit_bias")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise bad(f"logit_bias[{key}] must be between -100 and 100, got {value}", "logit_bias")
+        out.append((token, float(value)))
+    return tuple(sorted(out))
 
 
 def _model(body: dict[str, Any]) -> None:
@@ -301,7 +327,7 @@ def parse_completion(
             raise bad("each prompt must be a string or a non-empty list of token ids", "prompt")
     stream, usage = _stream(body)
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)  # the alternatives per token; 0: the token's only
-    params = _params(body, prompts, max_seq_len, 16, defaults or {}, logprobs, echo)
+    params = _params(body, prompts, max_seq_len, 16, defaults or {}, logprobs, echo, vocab_size)
     n = _n(body, len(prompts), max_prompts)
     if not echo:
         return Call(prompts, params, stream, usage, n)
@@ -321,9 +347,10 @@ def parse_chat(
     max_seq_len: int,
     max_rows: int,
     defaults: Mapping[str, float] | None = None,
+    vocab_size: int | None = None,
 ) -> Call:
     """``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template; ``max_rows``
-    bounds ``n``."""
+    bounds ``n``; ``logit_bias`` ids below ``vocab_size``."""
     _model(body)
     _refuse_unsupported(body)
     messages = body.get("messages")
@@ -347,7 +374,8 @@ def parse_chat(
     logprobs = _chat_logprobs(body)
     n = _n(body, 1, max_rows)
     prompt = tokenize(render(clean))
-    return Call([prompt], _params(body, [prompt], max_seq_len, None, defaults or {}, logprobs), stream, usage, n)
+    params = _params(body, [prompt], max_seq_len, None, defaults or {}, logprobs, vocab_size=vocab_size)
+    return Call([prompt], params, stream, usage, n)
 
 
 def _chat_logprobs(body: dict[str, Any]) -> int | None:

@@ -418,10 +418,17 @@ def test_a_failure_computing_logprobs_fails_only_the_rows_that_asked(engine: Any
 
 
 def _penalized_greedy(
-    model: Any, prompt: list[int], n: int, presence: float, frequency: float, repetition: float
+    model: Any,
+    prompt: list[int],
+    n: int,
+    presence: float,
+    frequency: float,
+    repetition: float,
+    bias: tuple[tuple[int, float], ...] = (),
 ) -> list[int]:
-    """Reference: greedy decoding of an eager model with OpenAI's presence/frequency penalties (over the output)
-    and transformers' repetition penalty (over prompt and output), written out here independently."""
+    """Reference: greedy decoding of an eager model with OpenAI's presence/frequency penalties (over the output),
+    transformers' repetition penalty (over prompt and output) and OpenAI's logit bias, written out here
+    independently."""
     out: list[int] = []
     with torch.inference_mode():
         for _ in range(n):
@@ -431,14 +438,21 @@ def _penalized_greedy(
                 logits[token] = v / repetition if v > 0 else v * repetition
             for token in set(out):
                 logits[token] -= frequency * out.count(token) + presence
+            for token, b in bias:
+                logits[token] += b
             out.append(int(logits.argmax()))
     return out
 
 
 @pytest.mark.parametrize(
     "penalties",
-    [dict(frequency_penalty=1.5), dict(presence_penalty=2.0, frequency_penalty=-0.5), dict(repetition_penalty=1.8)],
-    ids=["frequency", "presence_and_negative_frequency", "repetition"],
+    [
+        dict(frequency_penalty=1.5),
+        dict(presence_penalty=2.0, frequency_penalty=-0.5),
+        dict(repetition_penalty=1.8),
+        dict(logit_bias=((32, -100.0), (101, 4.0)), frequency_penalty=0.5),  # " " banned, "e" favoured
+    ],
+    ids=["frequency", "presence_and_negative_frequency", "repetition", "logit_bias"],
 )
 def test_penalties_match_an_eager_reference(
     engine: Any,
@@ -446,7 +460,7 @@ def test_penalties_match_an_eager_reference(
     demo_assets: Any,
     adapters: dict[str, Path],
     tokenizer: Any,
-    penalties: dict[str, float],
+    penalties: dict[str, Any],
 ) -> None:
     """A greedy row with penalties (drawn after the step, from its logits) gives the tokens of a fresh eager
     PeftModel decoding with the penalties applied by hand, beside rows without them, whose tokens do not change."""
@@ -474,6 +488,7 @@ def test_penalties_match_an_eager_reference(
         penalties.get("presence_penalty", 0.0),
         penalties.get("frequency_penalty", 0.0),
         penalties.get("repetition_penalty", 1.0),
+        penalties.get("logit_bias", ()),
     )
     assert list(mixed[1].token_ids) == want
     assert want != list(alone[1].token_ids), "the penalty must change the text for this test to mean anything"

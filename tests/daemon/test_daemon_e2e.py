@@ -303,6 +303,32 @@ def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess)
     assert [t.token for t in streamed[0]] == [t.token for t in streamed[1]]  # n=2 greedy: the same text
 
 
+def test_logit_bias_through_the_openai_client(daemon: DaemonProcess) -> None:
+    """OpenAI's ``logit_bias``: +100 on a token makes greedy decoding repeat it; -100 bans what greedy said."""
+    import httpx2
+    import openai
+
+    http = httpx2.Client(transport=httpx2.HTTPTransport(uds=str(daemon.sock)))
+    client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
+    forced = client.completions.create(model="m", prompt="Hello =>", max_tokens=5, temperature=0,
+                                       logit_bias={"120": 100}, logprobs=0)  # fmt: skip
+    assert forced.choices[0].text == "xxxxx"  # byte 120 of the demo's byte-level vocabulary
+    free = client.completions.create(model="m", prompt="Hello =>", max_tokens=1, temperature=0, logprobs=0)
+    first = free.choices[0].logprobs.tokens[0]  # type: ignore[index, union-attr]
+    assert len(first) == 1  # a byte: its token id is its value
+    one = {"prompt": "Hello =>", "max_tokens": 1, "temperature": 0, "logprobs": 1}
+    banned = daemon.client.request("POST", "/v1/completions", {**one, "logit_bias": {str(ord(first)): -100}})[1]
+    assert banned["choices"][0]["logprobs"]["tokens"][0] != first
+    same = daemon.client.request("POST", "/v1/completions", {**one, "logit_bias": {}})[1]
+    assert same["choices"][0]["logprobs"]["tokens"][0] == first  # an empty bias changes nothing
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model="m", messages=messages, max_tokens=3, temperature=0,
+                                          logit_bias={"121": 100})  # type: ignore[arg-type]  # fmt: skip
+    assert chat.choices[0].message.content == "yyy"
+    with pytest.raises(openai.BadRequestError, match="outside this model's vocabulary"):
+        client.completions.create(model="m", prompt="x", logit_bias={"999999": 1})
+
+
 def test_echo_scores_prompts_as_lm_eval_asks(daemon: DaemonProcess, demo_assets: DemoAssets) -> None:
     """lm-eval's loglikelihood request (its ``local-completions`` model: token-id prompts, ``echo``, ``logprobs``
     1, ``max_tokens`` 1, temperature 0) through the real openai client: every prompt token after the first gets the

@@ -256,7 +256,7 @@ VALID_OPTIONS = {
     "frequency_penalty": st.floats(-2, 2),
     "repetition_penalty": st.floats(0.01, 10),
     "echo": st.just(False),
-    "logit_bias": st.just({}),
+    "logit_bias": st.dictionaries(st.integers(0, 258).map(str), st.floats(-100, 100), max_size=3),
     "response_format": st.just({"type": "text"}),
 }
 VALID_PROMPTS = (

@@ -178,12 +178,26 @@ def test_stream_refused(body: dict[str, Any], param: str) -> None:
 
 @pytest.mark.parametrize(
     "name, value",
-    [("best_of", 3), ("logit_bias", {"1": 5}), ("suffix", "x"), ("tools", [{}])],
+    [("best_of", 3), ("suffix", "x"), ("tools", [{}])],
 )  # fmt: skip
 def test_unsupported_parameters_refused(name: str, value: Any) -> None:
     err = refused(comp, {name: value}, name, "unsupported_parameter")
     assert name in err.message
     refused(chat, {name: value}, name, "unsupported_parameter")
+
+
+def test_logit_bias() -> None:
+    """Token ids (JSON keys) to a bias in [-100, 100], for completions and chat, each id inside the vocabulary."""
+    assert comp(logit_bias={"7": -100, "0003": 2.5}).params.logit_bias == ((3, 2.5), (7, -100.0))
+    assert chat(logit_bias={"1": 100}).params.adjusted and not comp(logit_bias={}).params.adjusted
+    in_vocab = parse_completion({"prompt": "hi", "logit_bias": {"255": 1}}, tok, SEQ, 4, vocab_size=256)
+    assert in_vocab.params.logit_bias == ((255, 1.0),)
+    for bad_value in ([1], "x", {"a": 1}, {"-1": 1}, {"1.5": 1}, {"¹": 1}, {"1": 101}, {"1": "2"}, {"1": True},
+                      {"1": None}, {"99999999999": 1}):  # fmt: skip
+        refused(comp, {"logit_bias": bad_value}, "logit_bias")
+    with pytest.raises(ApiError, match="outside this model's vocabulary"):
+        parse_chat({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"256": 1}}, render, tok, SEQ, 4,
+                   vocab_size=256)  # fmt: skip
 
 
 def test_echo() -> None:
@@ -226,8 +240,8 @@ def test_logprobs_parameters() -> None:
 
 def test_penalties() -> None:
     p = comp(presence_penalty=0.5, frequency_penalty=-2, repetition_penalty=1.2).params
-    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.penalized) == (0.5, -2.0, 1.2, True)
-    assert not comp(presence_penalty=0, frequency_penalty=0.0, repetition_penalty=1).params.penalized
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.adjusted) == (0.5, -2.0, 1.2, True)
+    assert not comp(presence_penalty=0, frequency_penalty=0.0, repetition_penalty=1).params.adjusted
     assert chat(frequency_penalty=1).params.frequency_penalty == 1.0
     for name, value in (
         ("presence_penalty", 2.5),
