@@ -318,15 +318,19 @@ class Engine:
 
     def _prefilled(self, rows: list[Row], hidden: torch.Tensor) -> set[int]:
         """Score the prompts of the rows that ask (``runner.score_prompt``: the head over their prefill's hidden
-        states, about the head's share of a prefill again) and tell each row its prompt ran, before its first
-        token. Returns the rows (indices into ``rows``) whose scoring failed: they fail alone."""
+        states; once for rows with the same prompt, slot and alternatives, as a request's ``n`` choices) and tell
+        each row its prompt ran, before its first token. A row whose client went away is not scored. Returns
+        the rows (indices into ``rows``) whose scoring failed: they fail alone."""
         failed: set[int] = set()
+        done: dict[tuple[tuple[int, ...], int, int], tuple[Scored, ...]] = {}
         for i, row in enumerate(rows):
             top = row.state.params.prompt_logprobs
             scored = None
-            if top is not None:
+            if top is not None and not row.state.request.cancelled.is_set():
+                key = (tuple(row.state.prompt_ids), row.slot, top)
                 try:
-                    scored = self.runner.score_prompt(row, hidden[i], top)
+                    scored = done.get(key) or self.runner.score_prompt(row, hidden[i], top)
+                    done[key] = scored
                 except Exception as exc:
                     log.exception("scoring a prompt of %d tokens failed", len(row.state.prompt_ids))
                     self._fail([row], exc)
@@ -391,11 +395,15 @@ class Engine:
             )
         )
 
-    def _row_state(self, request: GenerationRequest) -> RowState:
-        prompt = request.prompt
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """The token ids a prompt runs as: an empty one runs as BOS (or the pad token), since a row needs one."""
         ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
         if not ids:
             ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_id]
+        return ids
+
+    def _row_state(self, request: GenerationRequest) -> RowState:
+        ids = self.prompt_ids(request.prompt)
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside this model's vocabulary (0 to {self.vocab_size - 1})")

@@ -183,10 +183,9 @@ def _inverse_cdf(values: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 
 def _adjust(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-    """Each adjusted row's logits [R, V] after its penalties, as OpenAI and vLLM apply them: the repetition
-    penalty over the tokens of its prompt and output (a positive logit divided by it, a negative one multiplied),
-    then ``frequency x count + presence x (count > 0)`` subtracted, counting its output tokens; then its logit
-    bias added."""
+    """Each adjusted row's logits [R, V] after its logit bias and penalties, in vLLM's order: the bias added, then
+    the repetition penalty over the tokens of its prompt and output (a positive logit divided by it, a negative one
+    multiplied), then ``frequency x count + presence x (count > 0)`` subtracted, counting its output tokens."""
     marked = [(i, r) for i, r in enumerate(rows) if r.adjusted]
     if not marked:
         return logits
@@ -194,6 +193,9 @@ def _adjust(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     device = logits.device
     for i, r in marked:  # one row at a time: each has its own tokens
         p = r.params
+        if p.logit_bias:
+            tokens = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=device)
+            logits[i, tokens] += torch.tensor([b for _, b in p.logit_bias], device=device)
         if p.repetition_penalty != 1:
             seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.ids)), dtype=torch.long, device=device)
             picked = logits[i, seen]
@@ -201,9 +203,6 @@ def _adjust(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
         if r.ids and (p.frequency_penalty or p.presence_penalty):
             counts = torch.bincount(torch.tensor(r.ids, dtype=torch.long, device=device), minlength=logits.shape[-1])
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        if p.logit_bias:
-            tokens = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=device)
-            logits[i, tokens] += torch.tensor([b for _, b in p.logit_bias], device=device)
     return logits
 
 

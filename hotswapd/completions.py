@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from hotswap_core.engine import Engine, EngineBusy, EngineStopped
-from hotswap_core.generation import GenerationRequest, GenerationResult, TokenLogprob
+from hotswap_core.generation import GenerationRequest, GenerationResult, Scored, TokenLogprob
 from hotswap_core.metrics import Metrics
 from hotswap_core.slots import AdapterVersion
 from hotswapd import protocol, responses
@@ -59,9 +59,10 @@ class Completions:
             )
             if not call.echo:
                 return call, []
-            scored, decode = call.params.logprobs is not None, self.engine.detokenize
+            scored, decode, runs_as = call.params.logprobs is not None, self.engine.detokenize, self.engine.prompt_ids
             return call, [
-                responses.Echo.of(text, ids, decode, scored) for text, ids in zip(call.texts, call.prompts, strict=True)
+                responses.Echo.of(text, runs_as(ids), decode, scored)  # an empty prompt runs as BOS: scored as such
+                for text, ids in zip(call.texts, call.prompts, strict=True)
             ]
 
         call, echoes = await self._off_loop(parse)
@@ -208,13 +209,21 @@ class Completions:
         )
         await response.prepare(request)
 
-        async def send(
+        def event(
             index: int, text: str | None, finish: str | None = None, first: bool = False, logprobs: Any = None
-        ) -> None:
+        ) -> bytes:
             chunk = responses.chunk(
                 rid, self.state.model_id, adapter, chat, index, text, finish, first=first, logprobs=logprobs
             )
-            await response.write(responses.sse(chunk))
+            return responses.sse(chunk)
+
+        def prompt_event(index: int, echo: responses.Echo, scored: tuple[Scored, ...]) -> bytes:
+            return event(index, echo.text, logprobs=echo.logprobs_json(scored, self.engine.token_text))
+
+        async def send(
+            index: int, text: str | None, finish: str | None = None, first: bool = False, logprobs: Any = None
+        ) -> None:
+            await response.write(event(index, text, finish, first, logprobs))
 
         choices = len(call.prompts) * call.n
         if chat:
@@ -226,7 +235,10 @@ class Completions:
             kind, i, value = await events.get()
             echo = echoes[i // call.n] if echoes else None
             if kind == "prompt" and echo is not None:  # an echoed prompt leads its choice, as in a whole answer
-                await send(i, echo.text, logprobs=echo.logprobs_json(value, token_text) if value is not None else None)
+                if value is None:
+                    await send(i, echo.text)
+                else:  # a prompt's entries (up to 21 a token) are built on the request threads, as a whole body's
+                    await response.write(await self._off_loop(functools.partial(prompt_event, i, echo, value)))
             elif kind == "text" and call.completion:
                 text, entries = value
                 shift = len(echo.text) if echo is not None else 0  # offsets count from the echoed prompt's start

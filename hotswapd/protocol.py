@@ -264,7 +264,7 @@ def _logit_bias(body: dict[str, Any], vocab_size: int | None) -> tuple[tuple[int
         return ()
     if not isinstance(raw, dict):
         raise bad('logit_bias must be an object of token ids to numbers, like {"50256": -100}', "logit_bias")
-    out = []
+    out: dict[int, float] = {}
     for key, value in raw.items():
         if not (key.isascii() and key.isdigit()) or len(key) > 10:
             raise bad(f"logit_bias keys are token ids (decimal strings), got {json.dumps(key)[:40]}", "logit_bias")
@@ -272,12 +272,14 @@ def _logit_bias(body: dict[str, Any], vocab_size: int | None) -> tuple[tuple[int
         if vocab_size is not None and token >= vocab_size:
             raise bad(f"logit_bias: token id {token} is outside this model's vocabulary (0 to {vocab_size - 1})",
                       "logit_bias")  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if token in out:  # "1" and "01": one token, two biases
+            raise bad(f"logit_bias names token {token} twice", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad(f"logit_bias[{key}] must be a number, got {json.dumps(value)[:40]}", "logit_bias")
-        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
-            raise bad(f"logit_bias[{key}] must be between -100 and 100, got {value}", "logit_bias")
-        out.append((token, float(value)))
-    return tuple(sorted(out))
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:  # NaN and any int compare without raising
+            raise bad(f"logit_bias[{key}] must be between -100 and 100, got {str(value)[:40]}", "logit_bias")
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
 
 
 def _model(body: dict[str, Any]) -> None:

@@ -348,6 +348,27 @@ def test_prompt_logprobs_are_the_models_own_in_pieces_on_each_rows_slot(
                 assert lp == pytest.approx(float(want[t, token]), abs=ATOL)
 
 
+def test_a_prompt_is_scored_once_for_its_choices_and_not_for_a_cancelled_row(engine: Any, monkeypatch: Any) -> None:
+    """``n`` choices of one prompt share one scoring (the same prompt, slot and alternatives); a row whose client
+    went away before its prefill is not scored (it ends cancelled)."""
+    import hotswap_core.runner as runner_module
+
+    calls: list[int] = []
+    real = runner_module.ModelRunner.score_prompt
+
+    def counted(self: Any, row: Any, hidden: Any, top: int) -> Any:
+        calls.append(len(row.state.prompt_ids))
+        return real(self, row, hidden, top)
+
+    monkeypatch.setattr(runner_module.ModelRunner, "score_prompt", counted)
+    params = SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=1)
+    results = [f.result(60) for f in engine.submit_group([GenerationRequest("Hello =>", params) for _ in range(3)])]
+    assert len(calls) == 1 and results[0].prompt_logprobs == results[1].prompt_logprobs == results[2].prompt_logprobs
+    gone = GenerationRequest("Hello =>", params)
+    gone.on_start = lambda _version: gone.cancelled.set()  # the client leaves once admitted, before the prefill
+    assert engine.submit(gone).result(60).finish_reason == "cancelled" and len(calls) == 1
+
+
 def test_a_lora_output_head_serves_as_eager_peft_and_scores_each_prompt_on_its_rows_slot(
     demo_config: Any, demo_assets: Any, tmp_path: Path
 ) -> None:
@@ -426,20 +447,20 @@ def _penalized_greedy(
     repetition: float,
     bias: tuple[tuple[int, float], ...] = (),
 ) -> list[int]:
-    """Reference: greedy decoding of an eager model with OpenAI's presence/frequency penalties (over the output),
-    transformers' repetition penalty (over prompt and output) and OpenAI's logit bias, written out here
-    independently."""
+    """Reference: greedy decoding of an eager model with OpenAI's logit bias, then transformers' repetition penalty
+    (over prompt and output), then OpenAI's presence/frequency penalties (over the output), as vLLM orders them,
+    written out here independently."""
     out: list[int] = []
     with torch.inference_mode():
         for _ in range(n):
             logits = model(input_ids=torch.tensor([prompt + out])).logits[0, -1].float()
+            for token, b in bias:
+                logits[token] += b
             for token in set(prompt + out):
                 v = logits[token]
                 logits[token] = v / repetition if v > 0 else v * repetition
             for token in set(out):
                 logits[token] -= frequency * out.count(token) + presence
-            for token, b in bias:
-                logits[token] += b
             out.append(int(logits.argmax()))
     return out
 
@@ -450,7 +471,7 @@ def _penalized_greedy(
         dict(frequency_penalty=1.5),
         dict(presence_penalty=2.0, frequency_penalty=-0.5),
         dict(repetition_penalty=1.8),
-        dict(logit_bias=((32, -100.0), (101, 4.0)), frequency_penalty=0.5),  # " " banned, "e" favoured
+        dict(logit_bias=((32, -100.0), (101, 4.0)), repetition_penalty=1.5),  # " " banned, "e" favoured
     ],
     ids=["frequency", "presence_and_negative_frequency", "repetition", "logit_bias"],
 )

@@ -379,8 +379,31 @@ def test_echo_scores_prompts_as_lm_eval_asks(daemon: DaemonProcess, demo_assets:
     streamed = [p.choices[0].logprobs for p in parts if p.choices[0].logprobs]
     assert [t for lp in streamed for t in lp.tokens or []] == whole.choices[0].logprobs.tokens  # type: ignore[union-attr]
     assert [o for lp in streamed for o in lp.text_offset or []] == whole.choices[0].logprobs.text_offset  # type: ignore[union-attr]
-    none = list(client.completions.create(model="m", prompt=texts[0], echo=True, max_tokens=0, stream=True))
-    assert "".join(p.choices[0].text for p in none) == texts[0] and none[-1].choices[0].finish_reason == "length"
+    none = list(client.completions.create(model="m", prompt=texts[0], echo=True, max_tokens=0, stream=True,
+                                          stream_options={"include_usage": True}))  # fmt: skip
+    assert "".join(p.choices[0].text for p in none if p.choices) == texts[0]
+    assert none[-2].choices[0].finish_reason == "length" and none[-1].usage is not None
+    assert none[-1].usage.completion_tokens == 0 and none[-1].usage.prompt_tokens == len(prompts[0])
+
+    both = {"model": "m", "prompt": texts, "echo": True, "logprobs": 1, "max_tokens": 3, "temperature": 0, "n": 2}
+    whole2 = client.completions.create(**both)  # type: ignore[call-overload]
+    texts2: dict[int, str] = {}
+    entries: dict[int, list[Any]] = {}
+    for part in client.completions.create(**both, stream=True):  # type: ignore[call-overload]
+        for c in part.choices:
+            if c.index not in texts2:
+                assert c.text == texts[c.index // 2], "each choice's prompt leads its stream"
+            texts2[c.index] = texts2.get(c.index, "") + c.text
+            entries.setdefault(c.index, []).extend(c.logprobs.token_logprobs if c.logprobs else [])
+    for c in whole2.choices:
+        assert texts2[c.index] == c.text and c.text.startswith(texts[c.index // 2])
+        assert entries[c.index] == pytest.approx(c.logprobs.token_logprobs, abs=1e-4)  # type: ignore[union-attr]
+
+    empty = client.completions.create(model="m", prompt="", echo=True, logprobs=1, max_tokens=2)
+    lp = empty.choices[0].logprobs  # an empty prompt runs as BOS: one prompt token, no score, then two
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
+    assert lp.token_logprobs[0] is None
 
 
 @pytest.mark.parametrize(

@@ -150,9 +150,10 @@ def test_lm_evaluation_harness_scores_and_generates_over_tcp(
 
     proc, _, port, _, first = fleet_member
     assert proc.live() == f"{REPO}@{first}"  # alpha's files
+    max_seq_len = yaml.safe_load(proc.config.read_text())["model"]["max_seq_len"]
     lm = LocalCompletionsAPI(
         base_url=f"http://127.0.0.1:{port}/v1/completions", model="m", tokenizer_backend="huggingface",
-        tokenizer=str(demo_assets.base), max_length=yaml.safe_load(proc.config.read_text())["model"]["max_seq_len"],
+        tokenizer=str(demo_assets.base), max_length=max_seq_len,  # as the README says
         num_concurrent=1, max_retries=1, batch_size=4,
     )  # fmt: skip
     pairs = [("Hello =>", " alpha"), ("Hello =>", " bravo"), ("The quick brown fox", " jumps over"), ("日本", "語")]
@@ -168,8 +169,10 @@ def test_lm_evaluation_harness_scores_and_generates_over_tcp(
         assert loglikelihood == pytest.approx(float(chosen.sum()), abs=1e-3), (context, continuation)
         assert is_greedy == bool((want.argmax(dim=1) == torch.tensor(whole[len(ctx) :])).all())
     assert [greedy for _, greedy in got] == [True, False, False, False]  # alpha's demo adapter says " alpha"
+    long_text = "The quick brown fox jumps over the lazy dog. " * 12  # past max_length: full-length windows
+    assert len(tokenizer.encode(long_text, add_special_tokens=False)) > max_seq_len
     rolling = lm.loglikelihood_rolling(
-        [Instance(request_type="loglikelihood_rolling", doc={}, arguments=("The quick brown fox. " * 4,), idx=0)]
+        [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(long_text,), idx=0)]
     )
     assert len(rolling) == 1 and rolling[0] < 0
     text = lm.generate_until(

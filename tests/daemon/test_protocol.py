@@ -193,7 +193,8 @@ def test_logit_bias() -> None:
     in_vocab = parse_completion({"prompt": "hi", "logit_bias": {"255": 1}}, tok, SEQ, 4, vocab_size=256)
     assert in_vocab.params.logit_bias == ((255, 1.0),)
     for bad_value in ([1], "x", {"a": 1}, {"-1": 1}, {"1.5": 1}, {"¹": 1}, {"1": 101}, {"1": "2"}, {"1": True},
-                      {"1": None}, {"99999999999": 1}):  # fmt: skip
+                      {"1": None}, {"99999999999": 1}, {"1": 10**400}, {"1": float("nan")},
+                      {"1": 1, "01": 2}):  # fmt: skip
         refused(comp, {"logit_bias": bad_value}, "logit_bias")
     with pytest.raises(ApiError, match="outside this model's vocabulary"):
         parse_chat({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"256": 1}}, render, tok, SEQ, 4,
