@@ -138,3 +138,30 @@ def test_logprobs_read_from_the_replayed_graph(cuda_engine: Any, swapper: Swappe
         for t, e in enumerate(res.logprobs):
             assert e.logprob == e.top[0][1] <= 0 and len(e.top) == 3  # greedy; bf16 ties: the value, not the id
             assert abs(e.logprob - float(want[t, e.token_id])) <= 0.1, (adapter.name, t)  # bf16 vs bf16 eager
+
+
+def test_prompt_logprobs_from_the_compiled_prefill(cuda_engine: Any, swapper: Swapper, demo_assets: Any) -> None:
+    """``echo`` with ``logprobs``: the compiled prefill's hidden states, through the head run eagerly on the row's
+    slot, score each prompt token as a fresh eager bf16 PeftModel does, without a recompile. (Written without a
+    GPU to run it on: see the README.)"""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert swapper.swap(demo_assets.bravo).result in ("success", "unchanged")
+    params = SamplingParams(max_tokens=1, prompt_logprobs=2, logprobs=1)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        results = cuda_engine.generate(PROMPTS, params)
+    finally:
+        torch.compiler.set_stance("default")
+    model: Any = AutoModelForCausalLM.from_pretrained(demo_assets.base, dtype=torch.bfloat16).cuda()
+    model = PeftModel.from_pretrained(model, demo_assets.bravo).eval()
+    for prompt, res in zip(PROMPTS, results, strict=True):
+        ids = cuda_engine.tokenizer.encode(prompt, add_special_tokens=False)
+        assert res.prompt_logprobs is not None and len(res.prompt_logprobs) == len(ids) - 1
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids], device="cuda")).logits[0].float()
+        want = torch.log_softmax(logits[:-1], dim=-1).cpu()  # position t scores ids[t + 1]
+        for t, (logprob, top) in enumerate(res.prompt_logprobs):
+            assert abs(logprob - float(want[t, ids[t + 1]])) <= 0.1, (prompt, t)  # bf16 vs bf16 eager
+            assert len(top) == 2 and top[0][1] >= top[1][1]
