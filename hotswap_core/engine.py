@@ -63,7 +63,7 @@ class Engine:
         self.device, self.dtype, self.mode = self.runner.device, self.runner.dtype, self.runner.mode
         self.max_batch_size = config.model.max_batch_size
         self.max_seq_len = config.model.max_seq_len
-        self.buckets = self.runner.buckets
+        self.buckets, self.spans = self.runner.buckets, self.runner.spans
         self.ready = threading.Event()
         self.last_loop_at = time.monotonic()  # heartbeat: proves the serving loop turns
         self.steps = 0  # decode steps run (tests count latency in steps, not seconds)
@@ -95,7 +95,7 @@ class Engine:
         """
         t0 = time.monotonic()
         self.runner.configure_dynamo()
-        plan = warmup_plan(self.buckets, self.max_seq_len)
+        plan = warmup_plan(self.buckets, self.max_seq_len, self.spans)
         dynamic = self.config.model.compile.dynamic is not False
         took: list[tuple[float, bool]] = []  # (seconds, compiled a graph) per step done
         params = SamplingParams(max_tokens=3, ignore_eos=True)  # decode runs whatever the model emits
@@ -208,6 +208,11 @@ class Engine:
     def queue_depth(self) -> int:
         return self.table.queued
 
+    @property
+    def running_rows(self) -> int:
+        """Rows of the KV cache running a generation now (a request with several prompts or choices holds several)."""
+        return len(self.table.active)
+
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting work, finish what is queued and running (bounded by ``drain_timeout``), stop the worker."""
         with self._cv:
@@ -272,7 +277,7 @@ class Engine:
             self._run(self.table.active, self._decode)
 
     def _decode(self, rows: list[Row], numbers: list[float]) -> StepOutput:
-        out = self.runner.decode(rows, self.table.bucket_rows(self.buckets), numbers)
+        out = self.runner.decode(rows, self.table.bucket_rows(self.buckets), self.table.span(self.spans), numbers)
         self.steps += 1
         if self.on_batch is not None:
             self.on_batch(len(rows))
@@ -392,6 +397,7 @@ class Engine:
                 duration_s=time.monotonic() - state.request.created_at,
                 logprobs=None if state.logprobs is None else tuple(state.logprobs),
                 prompt_logprobs=state.prompt_logprobs,
+                queue_time_s=row.started_at - state.request.created_at,
             )
         )
 

@@ -107,15 +107,23 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or stop string), "length", "cancelled"
     adapter: AdapterVersion
-    time_to_first_token_s: float
-    duration_s: float
+    time_to_first_token_s: float  # queued -> first token
+    duration_s: float  # queued -> last token
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of token_ids, when the request asked
     # One per prompt token after the first (the first has no context to be scored in), when the request asked.
     prompt_logprobs: tuple[Scored, ...] | None = None
+    queue_time_s: float = 0.0  # queued -> admitted into a row of the KV cache
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def time_per_output_token_s(self) -> float | None:
+        """The mean time between this output's tokens after the first (vLLM's TPOT); None under two tokens."""
+        if len(self.token_ids) < 2:
+            return None
+        return max(0.0, self.duration_s - self.time_to_first_token_s) / (len(self.token_ids) - 1)
 
 
 @dataclass(eq=False)

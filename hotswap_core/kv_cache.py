@@ -4,7 +4,13 @@ Every layer's keys and values live in one preallocated tensor each, ``[rows, kv_
 head_dim]`` (gpt-fast style). A row of the cache belongs to one running request from admission to its
 last token; a token's K/V are written in place at ``(row, position)``. Nothing is ever concatenated or
 reallocated, so a decode step has the same shapes every time: one compiled graph per batch-size bucket,
-and on CUDA one CUDA graph.
+and on CUDA one CUDA graph per batch-size bucket and attention span.
+
+A decode step attends to the first ``span`` positions of its rows, not to all ``max_seq_len``: the smallest
+of ``spans_for(max_seq_len)`` (powers of two) that holds the furthest running row's position. Reading the
+whole cache every step would make every token cost what a token at the end of the context costs (at a
+32k context, most of a step's memory traffic). The span is a symbolic size of the one decode graph per
+batch-size bucket, so spans add no compilation; on CUDA each (bucket, span) pair is one recorded graph.
 
 The model's own attention modules keep their projections, rotary embedding and LoRA layers; only the
 attention kernel is ours (registered with transformers' ``AttentionInterface`` as ``"hotswapd"``). It
@@ -22,6 +28,17 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION = "hotswapd"
+SMALLEST_SPAN = 64
+
+
+def spans_for(max_seq_len: int, smallest: int = SMALLEST_SPAN) -> tuple[int, ...]:
+    """Attention spans of decode steps: powers of two from ``smallest`` below ``max_seq_len``, and
+    ``max_seq_len``."""
+    out, span = [], smallest
+    while span < max_seq_len:
+        out.append(span)
+        span *= 2
+    return (*out, max_seq_len)
 
 
 class KVCache:
@@ -37,7 +54,10 @@ class KVCache:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        shape = (rows, kv_heads, max_seq_len, head_dim)
+        # One position more than the context holds: a decode step's span (at most max_seq_len) is then never the
+        # whole tensor, and its slice of the cache never has to be guarded on (dynamo would guard span !=
+        # max_seq_len, a contiguity case, which contradicts the span's declared range: a graph per span).
+        shape = (rows, kv_heads, max_seq_len + 1, head_dim)
         self.rows, self.max_seq_len = rows, max_seq_len
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
@@ -67,22 +87,22 @@ class StepView:
     Prefill (``decode_rows`` is None): batch row ``i`` is cache row ``rows[i]`` and its prompt starts at
     position 0, so attention is causal over the step's own keys (right padding is never attended to by a
     real token). Decode: batch row ``i`` *is* cache row ``i`` of the first ``decode_rows`` rows (a view, no
-    gather); each row attends to the positions up to its own (``mask``).
+    gather); each row attends to the positions up to its own (``mask``) among the first ``span``.
     """
 
     cache: KVCache
     rows: torch.Tensor  # [B] cache row of each batch row
     positions: torch.Tensor  # [B, q] position of each query token
     decode_rows: int | None = None
-    mask: torch.Tensor | None = None  # decode: [B, 1, 1, max_seq_len], True where a row may attend
+    mask: torch.Tensor | None = None  # decode: [B, 1, 1, span], True where a row may attend
 
 
-def decode_view(cache: KVCache, positions: torch.Tensor) -> StepView:
-    """The view of a decode step over cache rows ``0 .. n-1``; ``positions``: [n, 1]. Traceable."""
+def decode_view(cache: KVCache, positions: torch.Tensor, seen: torch.Tensor) -> StepView:
+    """The view of a decode step over cache rows ``0 .. n-1``; ``positions``: [n, 1]; ``seen``: the positions
+    attended to, ``arange(span)`` (its length is the step's span: every row's position is below it). Traceable."""
     n = positions.shape[0]
     rows = torch.arange(n, device=positions.device)
-    seen = torch.arange(cache.max_seq_len, device=positions.device)
-    mask = (seen[None, :] <= positions)[:, None, None, :]  # [n, 1, 1, S]
+    mask = (seen[None, :] <= positions)[:, None, None, :]  # [n, 1, 1, span]
     return StepView(cache, rows, positions, decode_rows=n, mask=mask)
 
 
@@ -108,9 +128,10 @@ def static_cache_attention(
     if view.decode_rows is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
     else:
-        n = view.decode_rows
+        assert view.mask is not None  # decode_view always makes one
+        n, span = view.decode_rows, view.mask.shape[-1]
         out = F.scaled_dot_product_attention(
-            query, k_cache[:n], v_cache[:n], attn_mask=view.mask, scale=scaling, enable_gqa=gqa
+            query, k_cache[:n, :, :span], v_cache[:n, :, :span], attn_mask=view.mask, scale=scaling, enable_gqa=gqa
         )
     return out.transpose(1, 2).contiguous(), None
 

@@ -9,7 +9,8 @@ only on the ``_info`` metric. Series known to exist are exported at 0 from the s
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,9 +18,12 @@ from prometheus_client.registry import Collector
 
 from hotswap_core.errors import REASONS
 
+if TYPE_CHECKING:
+    from hotswap_core.generation import GenerationResult
+
 SWAP_RESULTS = ("success", "rejected", "failed", "rolled_back")
 SWAP_PHASES = ("detect", "validate", "load", "stage", "verify", "commit")
-ENDPOINTS = ("completions", "chat_completions", "models", "adapters", "admin", "health", "other")
+ENDPOINTS = ("completions", "chat_completions", "models", "tokenize", "adapters", "admin", "health", "other")
 HUB_POLL_RESULTS = ("unchanged", "changed", "error", "rate_limited")
 # hotswapd_source_head_info's state: is the version at the source's head live here, and if not, why not.
 HEAD_STATES = ("live", "pending", "rejected", "rolled_back")
@@ -31,6 +35,12 @@ _LANDED_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60, 120,
 # Requests: 10 ms to minutes (long generations on a slow device).
 _REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Between two tokens of one output: a decode step (a millisecond on a small model, tens on a large one) and
+# what shared it (prefills, other rows).
+_TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+# Tokens per prompt or per output.
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+FINISH_REASONS = ("stop", "length")
 
 
 class Metrics:
@@ -89,8 +99,40 @@ class Metrics:
             registry=r,
         )
         self.generated_tokens = Counter("hotswapd_generated_tokens", "Completion tokens generated.", registry=r)
+        self.prompt_tokens = Counter(
+            "hotswapd_prompt_tokens", "Prompt tokens of answered completion requests (each prompt once).", registry=r
+        )
+        self.queue_time = Histogram(
+            "hotswapd_request_queue_time_seconds",
+            "From a completion request queued to its admission into a row of the KV cache.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "hotswapd_time_per_output_token_seconds",
+            "Per completion of two tokens or more: the mean time between its tokens after the first.",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.request_prompt_tokens = Histogram(
+            "hotswapd_request_prompt_tokens", "Tokens per prompt.", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.request_generation_tokens = Histogram(
+            "hotswapd_request_generation_tokens", "Tokens per completion (choice).", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.finished = Counter(
+            "hotswapd_completions_finished",
+            "Completions (choices) answered, by finish_reason: stop (EOS or a stop string) or length.",
+            ["finish_reason"],
+            registry=r,
+        )
         self.inflight = Gauge("hotswapd_inflight_requests", "Completion requests being served.", registry=r)
         self.queue_depth = Gauge("hotswapd_queue_depth", "Requests waiting for a batch.", registry=r)
+        self.running_rows = Gauge(
+            "hotswapd_running_rows",
+            "Rows of the KV cache running a generation (a request with several prompts or choices holds several).",
+            registry=r,
+        )
         self.kv_cache_usage = Gauge(
             "hotswapd_kv_cache_usage_ratio",
             "KV-cache positions held by running requests / the engine's capacity "
@@ -138,6 +180,8 @@ class Metrics:
             self.validation_failures.labels(reason)
         for endpoint in ("completions", "chat_completions"):
             self.requests.labels(endpoint, "200")
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason)
 
     def watch_source(self, source: str, kinds: Iterable[str]) -> None:
         """Export the configured source's event kinds at 0 from the start."""
@@ -148,12 +192,33 @@ class Metrics:
         self._state_write_failures.read = persist_failures
 
     def watch_engine(
-        self, recompilations: Callable[[], int], queue_depth: Callable[[], int], kv_cache_usage: Callable[[], float]
+        self,
+        recompilations: Callable[[], int],
+        queue_depth: Callable[[], int],
+        kv_cache_usage: Callable[[], float],
+        running_rows: Callable[[], int],
     ) -> None:
         """Read these at scrape time (no polling thread)."""
         self._recompilations.read = recompilations
         self.queue_depth.set_function(lambda: float(queue_depth()))
         self.kv_cache_usage.set_function(kv_cache_usage)
+        self.running_rows.set_function(lambda: float(running_rows()))
+
+    def observe_completions(self, results: Sequence[GenerationResult], n: int) -> None:
+        """An answered request's choices (``n`` a prompt, prompt ``i``'s at ``i * n`` onwards): each choice's
+        tokens, timings and finish reason; each prompt once."""
+        for i, r in enumerate(results):
+            if i % n == 0:
+                self.prompt_tokens.inc(r.prompt_tokens)
+                self.request_prompt_tokens.observe(r.prompt_tokens)
+            self.generated_tokens.inc(r.completion_tokens)
+            self.request_generation_tokens.observe(r.completion_tokens)
+            self.ttft.observe(r.time_to_first_token_s)
+            self.queue_time.observe(r.queue_time_s)
+            if (tpot := r.time_per_output_token_s) is not None:
+                self.time_per_output_token.observe(tpot)
+            if r.finish_reason in FINISH_REASONS:
+                self.finished.labels(r.finish_reason).inc()
 
     def watch_source_head(self, head: Callable[[], tuple[str, str] | None]) -> None:
         """``head()``: (version, state) of the source's head, read at scrape time; None: nothing seen yet."""

@@ -19,7 +19,7 @@ from hotswap_core import cpu_threads, kv_cache, prepack
 from hotswap_core.config import Config
 from hotswap_core.errors import EngineError
 from hotswap_core.generation import Scored
-from hotswap_core.kv_cache import KVCache, StepView, decode_view
+from hotswap_core.kv_cache import KVCache, StepView, decode_view, spans_for
 from hotswap_core.layout import Layout, base_identities, layout_from_model
 from hotswap_core.sampling import draw, draw_inputs, logprobs, sampling_defaults
 from hotswap_core.scheduler import Row, buckets_for
@@ -128,6 +128,7 @@ class ModelRunner:
         self.max_batch_size = config.model.max_batch_size
         self.max_seq_len = config.model.max_seq_len
         self.buckets = buckets_for(self.max_batch_size)  # decode batch sizes, a graph each
+        self.spans = spans_for(self.max_seq_len)  # the positions a decode step attends to
         self.sampling_defaults: dict[str, float | int] = {}  # from generation_config.json, set by load()
 
     def load(self) -> None:
@@ -187,6 +188,11 @@ class ModelRunner:
             self.max_seq_len,
             self.cache.nbytes / 2**20,
         )
+        # arange(span) per span, what a decode step attends to. The span is a symbolic size of each bucket's one
+        # graph (on CUDA a graph recorded per span), not a graph per span.
+        self._seen = {s: torch.arange(s, device=self.device) for s in self.spans}
+        for seen in self._seen.values():
+            torch._dynamo.mark_dynamic(seen, 0, min=2, max=self.max_seq_len)
         self._prefill_fn, self._decode_fn = self._compile()
 
     def _compile(self) -> tuple[Forward, Forward]:
@@ -205,6 +211,8 @@ class ModelRunner:
         )
         prefill_options = compile_options(without_graphs(self.mode), self.cpp_wrapper)
         decode_options = compile_options(self.mode, self.cpp_wrapper)
+        # One CUDA graph per span is expected, not a sign of shapes gone wrong (inductor warns past 8).
+        decode_options["triton.cudagraph_dynamic_shape_warn_limit"] = len(self.spans) + 1
         prefill = torch.compile(self._prefill_forward, options=prefill_options, dynamic=c.dynamic)
         # Decode shapes never change within a bucket: static, so each bucket is one graph (a CUDA graph on CUDA).
         decode = torch.compile(self._decode_forward, options=decode_options, dynamic=False)
@@ -242,11 +250,12 @@ class ModelRunner:
         return logits, _outcome(logits, draws), hidden
 
     def _decode_forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, draws: torch.Tensor
+        self, ids: torch.Tensor, positions: torch.Tensor, seen: torch.Tensor, draws: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per cache row ``0 .. n-1``: ``ids`` and ``positions`` [n, 1]; logits [n, V] and
-        ``_outcome`` [2, n] (``draws`` [n, 2]: ``sampling.draw_inputs``)."""
-        view = decode_view(self.cache, positions)
+        """One token per cache row ``0 .. n-1``: ``ids`` and ``positions`` [n, 1], attending to the positions
+        ``seen`` (``arange(span)``); logits [n, V] and ``_outcome`` [2, n] (``draws`` [n, 2]:
+        ``sampling.draw_inputs``)."""
+        view = decode_view(self.cache, positions, seen)
         hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
         logits = self._head(hidden.last_hidden_state[:, -1])
         return logits, _outcome(logits, draws)
@@ -286,9 +295,10 @@ class ModelRunner:
             scored += logprobs(logits, range(end - start), prompt[start + 1 : end + 1], [top] * (end - start))
         return tuple(scored)
 
-    def decode(self, rows: list[Row], n: int, numbers: list[float]) -> StepOutput:
-        """One token for each of ``rows``, over cache rows ``0 .. n-1`` (``n`` a decode bucket), with this step's
-        ``numbers`` (``sampling.uniforms``); the logits stay [n, V], ``rows[i]`` at ``r.index``."""
+    def decode(self, rows: list[Row], n: int, span: int, numbers: list[float]) -> StepOutput:
+        """One token for each of ``rows``, over cache rows ``0 .. n-1`` (``n`` a decode bucket) and their first
+        ``span`` positions (one of ``spans``, above every row's position), with this step's ``numbers``
+        (``sampling.uniforms``); the logits stay [n, V], ``rows[i]`` at ``r.index``."""
         ids, positions, slots = [self.pad_id] * n, [0] * n, [0] * n  # rows nobody holds: position 0, discarded
         for r in rows:
             ids[r.index], positions[r.index], slots[r.index] = r.state.ids[-1], r.position, r.slot
@@ -298,8 +308,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         dev = self.device
+        seen = self._seen[span]
         logits, outcome = self._decode_fn(
-            torch.tensor(ids, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None], draws.to(dev)
+            torch.tensor(ids, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None], seen, draws.to(dev)
         )  # [n, V], [2, n]
         return StepOutput.read(logits, outcome, at)
 

@@ -91,6 +91,11 @@ class RowTable:
         top = max((r.index for r in self.rows if r is not None), default=-1) + 1
         return next(b for b in buckets if b >= top)
 
+    def span(self, spans: tuple[int, ...]) -> int:
+        """Positions a decode step attends to: the smallest span holding every running row's position."""
+        furthest = max((r.position for r in self.rows if r is not None), default=0) + 1
+        return next(s for s in spans if s >= furthest)
+
 
 def buckets_for(max_rows: int) -> tuple[int, ...]:
     """Decode batch sizes that get a graph each: powers of two up to ``max_rows``, and ``max_rows``."""

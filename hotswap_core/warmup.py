@@ -22,10 +22,11 @@ class WarmupStep:
         return f"step {self.k}/{self.total}: batch {self.batch}, prompt length {self.length}"
 
 
-def warmup_plan(buckets: Sequence[int], max_seq_len: int) -> list[tuple[int, int]]:
-    """(batch size, prompt length) of every step: each decode bucket, with short and long prompts."""
-    lengths = sorted({2, 3, max(3, max_seq_len // 2), max(3, max_seq_len - 4)})
-    return [(b, n) for b in buckets for n in lengths]
+def warmup_plan(buckets: Sequence[int], max_seq_len: int, spans: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """(batch size, prompt length) of every step: each decode bucket, with short and long prompts, and a prompt
+    whose decode steps (3 tokens) attend to each of ``spans`` (``kv_cache.spans_for``: on CUDA, a graph each)."""
+    lengths = {2, 3, max(3, max_seq_len - 4)} | {max(3, s - 4) for s in spans}
+    return [(b, n) for b in buckets for n in sorted(lengths)]
 
 
 def estimate(

@@ -91,6 +91,41 @@ class Completions:
         call = await self._off_loop(parse)
         return await self._serve(request, call, chat=True, prefix="chatcmpl")
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """POST /tokenize (vLLM's): the token ids of a ``prompt``, or of chat ``messages`` rendered as
+        /v1/chat/completions renders them. Without ``add_special_tokens``, the ids a completion would run: its
+        ``count`` is what ``usage.prompt_tokens`` would say."""
+        self._require_ready()
+        raw = await request.read()
+
+        def work() -> dict[str, Any]:
+            call = protocol.parse_tokenize(protocol.parse_json(raw))
+            tokenizer = self.engine.tokenizer
+            if call.messages is not None:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise ApiError(404, "this model's tokenizer has no chat template", code="no_chat_template")
+                text = self._render_chat(call.messages)
+                ids = list(tokenizer.encode(text, add_special_tokens=bool(call.add_special_tokens)))
+            elif call.add_special_tokens is None:
+                ids = self.engine.prompt_ids(call.prompt or "")  # as a completion runs it (empty: BOS)
+            else:
+                ids = list(tokenizer.encode(call.prompt, add_special_tokens=call.add_special_tokens))
+            strs = list(tokenizer.convert_ids_to_tokens(ids)) if call.token_strs else None
+            return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids, "token_strs": strs}
+
+        return web.json_response(await self._off_loop(work))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """POST /detokenize (vLLM's): ``tokens`` as text, special tokens included."""
+        self._require_ready()
+        raw = await request.read()
+
+        def work() -> dict[str, Any]:
+            ids = protocol.parse_detokenize(protocol.parse_json(raw), self.engine.vocab_size)
+            return {"prompt": str(self.engine.tokenizer.decode(ids))}
+
+        return web.json_response(await self._off_loop(work))
+
     async def _off_loop(self, work: Callable[[], T]) -> T:
         """JSON parsing, chat templating and tokenisation on the request threads, never on the event loop (a
         4 MB prompt takes milliseconds to tokenise; every other connection would wait that long); and so the
@@ -164,7 +199,7 @@ class Completions:
                 if call.stream:
                     return await self._stream(request, rid, call, chat, events, echoes)
                 results = [_shown(call, r) for r in await asyncio.gather(*answers)]
-                self._observe(results)
+                self.metrics.observe_completions(results, call.n)
 
                 def build() -> dict[str, Any]:
                     model, text = self.state.model_id, self.engine.token_text
@@ -253,17 +288,12 @@ class Completions:
                     return response
                 await send(i, None, responses.finish_reason(results[i]))
         ordered = [results[i] for i in sorted(results)]
-        self._observe(ordered)
+        self.metrics.observe_completions(ordered, call.n)
         if call.include_usage:
             await response.write(responses.sse(responses.usage_chunk(rid, self.state.model_id, chat, ordered, call.n)))
         await response.write(responses.sse("[DONE]"))
         await response.write_eof()
         return response
-
-    def _observe(self, results: list[GenerationResult]) -> None:
-        for r in results:
-            self.metrics.generated_tokens.inc(r.completion_tokens)
-            self.metrics.ttft.observe(r.time_to_first_token_s)
 
 
 def _shown(call: Call, result: GenerationResult) -> GenerationResult:

@@ -234,7 +234,10 @@ class Daemon:
         self.state.model_id = getattr(engine.model_config, "hotswapd_base_id", None) or self.state.model_id
         engine.on_batch = self.metrics.batch_size.observe
         self.metrics.watch_engine(
-            lambda: engine.recompilations, lambda: engine.queue_depth, lambda: engine.kv_cache_usage
+            lambda: engine.recompilations,
+            lambda: engine.queue_depth,
+            lambda: engine.kv_cache_usage,
+            lambda: engine.running_rows,
         )
         self.metrics.set_build_info(str(engine.device))
         self.metrics.cpu_threads.set(engine.runner.cpu_threads)

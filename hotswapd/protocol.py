@@ -355,6 +355,17 @@ def parse_chat(
     bounds ``n``; ``logit_bias`` ids below ``vocab_size``."""
     _model(body)
     _refuse_unsupported(body)
+    messages = chat_messages(body)
+    stream, usage = _stream(body)
+    logprobs = _chat_logprobs(body)
+    n = _n(body, 1, max_rows)
+    prompt = tokenize(render(messages))
+    params = _params(body, [prompt], max_seq_len, None, defaults or {}, logprobs, vocab_size=vocab_size)
+    return Call([prompt], params, stream, usage, n)
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    """``messages``, each ``{"role", "content"}`` with text content (a list of text parts is joined)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
@@ -372,12 +383,55 @@ def parse_chat(
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
         clean.append({"role": m["role"], "content": content})
-    stream, usage = _stream(body)
-    logprobs = _chat_logprobs(body)
-    n = _n(body, 1, max_rows)
-    prompt = tokenize(render(clean))
-    params = _params(body, [prompt], max_seq_len, None, defaults or {}, logprobs, vocab_size=vocab_size)
-    return Call([prompt], params, stream, usage, n)
+    return clean
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    """``POST /tokenize`` (vLLM's): a ``prompt`` or chat ``messages``, and whether to add special tokens."""
+
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    add_special_tokens: bool | None  # None: as a completion would run it
+    token_strs: bool
+
+
+def _flag(body: dict[str, Any], name: str, default: bool | None) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"{name} must be true or false", name)
+    return value
+
+
+def parse_tokenize(body: dict[str, Any]) -> Tokenize:
+    _model(body)
+    token_strs = bool(_flag(body, "return_token_strs", False))
+    special = _flag(body, "add_special_tokens", None)
+    if "messages" in body:
+        if "prompt" in body:
+            raise bad("send either prompt or messages, not both", "messages")
+        if body.get("add_generation_prompt", True) is not True:  # hotswapd's chat always adds it
+            raise bad("add_generation_prompt: only true is supported (as /v1/chat/completions renders)",
+                      "add_generation_prompt", "unsupported_parameter")  # fmt: skip
+        return Tokenize(None, chat_messages(body), special, token_strs)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise bad("prompt (a string) or messages is required", "prompt")
+    return Tokenize(prompt, None, special, token_strs)
+
+
+def parse_detokenize(body: dict[str, Any], vocab_size: int) -> list[int]:
+    """``POST /detokenize`` (vLLM's): ``tokens``, a list of token ids of this model."""
+    _model(body)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_token(t) for t in tokens):
+        raise bad("tokens must be a list of token ids", "tokens")
+    outside = next((t for t in tokens if t >= vocab_size), None)
+    if outside is not None:
+        raise bad(f"token id {outside} is outside this model's vocabulary (0 to {vocab_size - 1})", "tokens")
+    return list(tokens)
 
 
 def _chat_logprobs(body: dict[str, Any]) -> int | None:

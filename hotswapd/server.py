@@ -44,12 +44,15 @@ _ENDPOINTS = {
     "/health": "health",
     "/readyz": "health",
     "/metrics": "metrics",
+    "/tokenize": "tokenize",
+    "/detokenize": "tokenize",
+    "/version": "models",
 }
 
 
 # What server.listen_tcp serves: inference and health. Adapters, events and admin verbs stay on the Unix socket,
 # where SO_PEERCRED says who is asking (server.admin_uids); over TCP anyone who can connect would be asking.
-_TCP_ENDPOINTS = frozenset({"completions", "chat_completions", "models", "health", "metrics"})
+_TCP_ENDPOINTS = frozenset({"completions", "chat_completions", "models", "tokenize", "health", "metrics"})
 
 
 class Server:
@@ -80,6 +83,10 @@ class Server:
         r.add_get("/health", self.healthz)  # vLLM's name for it: what load generators and routers written for vLLM call
         r.add_get("/readyz", self.readyz)
         r.add_get("/v1/models", self.models)
+        r.add_get("/v1/models/{model}", self.model)
+        r.add_get("/version", self.version)
+        r.add_post("/tokenize", self.completions.tokenize)
+        r.add_post("/detokenize", self.completions.detokenize)
         r.add_post("/v1/completions", self.completions.complete)
         r.add_post("/v1/chat/completions", self.completions.chat)
         r.add_get("/v1/adapters", self.adapters.status)
@@ -135,7 +142,7 @@ class Server:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        endpoint = _ENDPOINTS.get(request.path, "other")
+        endpoint = _ENDPOINTS.get(request.path) or ("models" if request.path.startswith("/v1/models/") else "other")
         t0 = time.monotonic()
         status = 500
         try:
@@ -184,16 +191,35 @@ class Server:
             return 503, {"status": "starting"}
         return 200, {"status": "ready", "adapter": responses.adapter_json(self.swapper.live)}
 
-    async def models(self, request: web.Request) -> web.Response:
+    def _models(self) -> list[dict[str, Any]]:
+        """The base model and the live adapter version, as OpenAI's model objects."""
         live = self.swapper.live
         created = int(self.swapper.history.live_since or time.time())
-        data = [
+        return [
             {"id": self.state.model_id, "object": "model", "created": created, "owned_by": "hotswapd",
              "max_model_len": self.engine.max_seq_len, "adapter": responses.adapter_json(live)},
             {"id": live.version, "object": "model", "created": created, "owned_by": "hotswapd",
              "parent": self.state.model_id, "adapter": responses.adapter_json(live)},
         ]  # fmt: skip
-        return web.json_response({"object": "list", "data": data})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self._models()})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model} (the openai client's ``models.retrieve``): one of /v1/models' entries."""
+        name = request.match_info["model"]
+        found = next((m for m in self._models() if m["id"] == name), None)
+        if found is None:
+            served = ", ".join(m["id"] for m in self._models())
+            raise ApiError(404, f"no model {name!r} here; this daemon serves {served}", param="model",
+                           code="model_not_found")  # fmt: skip
+        return web.json_response(found)
+
+    async def version(self, request: web.Request) -> web.Response:
+        """GET /version (vLLM's): hotswapd's version."""
+        from hotswap_core import __version__
+
+        return web.json_response({"version": __version__})
 
     async def _close_when_draining(self, request: web.Request, response: web.StreamResponse) -> None:
         if self.state.draining:  # this answer is the connection's last: no keep-alive past a SIGTERM

@@ -226,3 +226,35 @@ def test_a_swap_gives_up_on_a_pinned_slot_after_request_timeout(
     assert engine.slots.live_version.version == "p_r4_sub"
     assert future.result(120).adapter.version == "p_r8"
     assert engine.generate(["Hello =>"], _fixed(3))[0].adapter.version == "p_r4_sub"
+
+
+def test_a_generation_crosses_every_attention_span_and_matches_eager_peft(
+    engine: Any, swapper: Swapper, pool: dict[str, Path], demo_assets: Any
+) -> None:
+    """A decode step attends to the smallest span holding its furthest row (64, 128 or 256 positions of the
+    demo's 256): a 240-token generation beside short ones moves through all three, under ``fail_on_recompile``,
+    and equals the eager PEFT model's greedy tokens."""
+    assert engine.spans == (64, 128, 256)
+    assert swapper.swap(pool["p_r8"], version="spans").result in ("success", "unchanged")
+    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), pool["p_r8"])
+    want = _greedy(model.eval(), engine.tokenizer.encode("ab", add_special_tokens=False), 240)
+    spans: list[int] = []
+    decode = engine.runner.decode
+
+    def spy(rows: Any, n: int, span: int, numbers: Any) -> Any:
+        spans.append(span)
+        return decode(rows, n, span, numbers)
+
+    engine.runner.decode = spy
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        long = engine.submit(GenerationRequest("ab", _fixed(240)))
+        shorts = [engine.submit(GenerationRequest("Hello =>", _fixed(8))) for _ in range(3)]
+        got = long.result(120)
+        assert all(f.result(120).completion_tokens == 8 for f in shorts)
+    finally:
+        torch.compiler.set_stance("default")
+        engine.runner.decode = decode
+    assert list(got.token_ids) == want
+    assert set(spans) == {64, 128, 256} and spans == sorted(spans), spans  # widening as the long row advances
+    assert engine.recompilations == 0

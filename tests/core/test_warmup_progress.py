@@ -14,9 +14,11 @@ BATCHES, LENGTHS = (1, 2, 4, 8), (2, 3, 128, 252)
 PLAN = [(b, n) for b in BATCHES for n in LENGTHS]
 
 
-def test_the_plan_runs_every_decode_bucket_with_short_and_long_prompts() -> None:
-    assert warmup_plan(BATCHES, 256) == PLAN
-    assert warmup_plan((1,), 6) == [(1, 2), (1, 3)]  # tiny contexts: no duplicate lengths
+def test_the_plan_runs_every_decode_bucket_with_short_and_long_prompts_and_every_span() -> None:
+    # Prompts of 60 and 124 tokens decode 3 tokens at positions 60-62 and 124-126: spans 64 and 128; 252: 256.
+    assert warmup_plan(BATCHES, 256, (64, 128, 256)) == [(b, n) for b in BATCHES for n in (2, 3, 60, 124, 252)]
+    assert warmup_plan(BATCHES, 256) == [(b, n) for b in BATCHES for n in (2, 3, 252)]
+    assert warmup_plan((1,), 6, (6,)) == [(1, 2), (1, 3)]  # tiny contexts: no duplicate lengths
 
 
 def test_no_estimate_before_a_compiling_step_is_done() -> None:

@@ -236,6 +236,49 @@ def test_what_load_generators_written_for_vllm_send(daemon: DaemonProcess) -> No
     assert out.stdout == '{"status": "ok"} 200', out.stdout
 
 
+def test_tokenize_detokenize_models_retrieve_and_version_as_vllm_clients_call_them(daemon: DaemonProcess) -> None:
+    """vLLM's ``/tokenize`` and ``/detokenize`` (a count that is the completion's ``usage.prompt_tokens``, for a
+    prompt and for chat messages), the openai client's ``models.retrieve``, and ``GET /version``."""
+    import httpx2
+    import openai
+
+    c, prompt = daemon.client, "Hello => and a longer prompt"
+    tokenized = c.post("/tokenize", {"prompt": prompt})
+    assert tokenized["count"] == len(tokenized["tokens"]) == daemon.complete(prompt)["usage"]["prompt_tokens"]
+    assert tokenized["max_model_len"] == 256 and tokenized["token_strs"] is None  # the demo's model.max_seq_len
+    by_ids = c.post("/v1/completions", {"prompt": tokenized["tokens"], "max_tokens": 8, "temperature": 0})
+    assert by_ids["choices"][0]["text"] == daemon.complete(prompt)["choices"][0]["text"]  # the same run
+    assert c.post("/detokenize", {"tokens": tokenized["tokens"]}) == {"prompt": prompt}
+    strs = c.post("/tokenize", {"prompt": prompt, "return_token_strs": True})["token_strs"]
+    assert len(strs) == tokenized["count"] and all(isinstance(t, str) and t for t in strs), strs
+    empty = c.post("/tokenize", {"prompt": ""})  # an empty prompt runs as one token (BOS)
+    assert empty["count"] == daemon.complete("", max_tokens=1)["usage"]["prompt_tokens"] == 1
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    rendered = c.post("/tokenize", {"messages": messages})
+    chat = c.post("/v1/chat/completions", {"messages": messages, "max_tokens": 1})
+    assert rendered["count"] == chat["usage"]["prompt_tokens"] > tokenized["count"] // 4, (rendered, chat["usage"])
+    for path, body, param in (("/detokenize", {"tokens": [10**6]}, "tokens"), ("/tokenize", {"text": "x"}, "prompt")):
+        with pytest.raises(ClientError) as err:
+            c.post(path, body)
+        assert err.value.status == 400 and err.value.body["error"]["param"] == param, err.value.body
+
+    http = httpx2.Client(transport=httpx2.HTTPTransport(uds=str(daemon.sock)))
+    client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
+    base, live = (m.id for m in client.models.list().data)
+    assert client.models.retrieve(base).id == base
+    adapter = client.models.retrieve(live)
+    assert adapter.id == daemon.live() and (adapter.model_extra or {}).get("parent") == base
+    with pytest.raises(openai.NotFoundError, match="no model 'no-such-model' here"):
+        client.models.retrieve("no-such-model")
+
+    curl = ["curl", "-sS", "--unix-socket", str(daemon.sock), "http://localhost/version"]
+    out = subprocess.run(curl, capture_output=True, text=True, timeout=30, check=True)
+    from hotswap_core import __version__
+
+    assert json.loads(out.stdout) == {"version": __version__}
+
+
 def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess) -> None:
     """``n`` choices per prompt and each token's log-probabilities with its top alternatives, whole and
     streamed (the same values either way), through the real openai client."""

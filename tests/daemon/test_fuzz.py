@@ -323,7 +323,8 @@ SWAP_SUFFIXES = TEXT | st.sampled_from(["", "../" * 12 + "etc", "x/" * 200, "a" 
 PATHS = [
     "/healthz", "/readyz", "/v1/models", "/v1/adapters", "/v1/completions", "/v1/chat/completions",
     "/v1/adapters/swap", "/v1/adapters/rollback", "/v1/nope", "/", "/v1/models/../adapters", "//v1/models",
-    "/v1/%ff%fe", "/v1/adapters%2fswap",
+    "/v1/%ff%fe", "/v1/adapters%2fswap", "/tokenize", "/detokenize", "/version", "/v1/models/base",
+    "/v1/models/%ff", "/v1/models/",
 ]  # fmt: skip
 
 
@@ -356,6 +357,42 @@ def test_fuzz_chat_completions(daemon: DaemonProcess, body: dict[str, Any]) -> N
     event(f"status {status}")
     if status == 200 and isinstance(answer, dict):
         assert answer["object"] == "chat.completion", answer
+
+
+TOKENIZE_OPTIONS = {"add_special_tokens": st.booleans() | JUNK, "return_token_strs": st.booleans() | JUNK,
+                    "add_generation_prompt": st.just(True) | JUNK, "model": TEXT | JUNK}  # fmt: skip
+TOKENIZE_BODIES = (
+    _body({"prompt": TEXT}, TOKENIZE_OPTIONS, PLAIN_JSON)
+    | _body({"messages": VALID_MESSAGES}, TOKENIZE_OPTIONS, PLAIN_JSON)
+    | _body({}, {"prompt": FUZZED_PROMPTS, "messages": FUZZED_MESSAGES, **TOKENIZE_OPTIONS}, JUNK)
+)
+DETOKENIZE_BODIES = _body({"tokens": st.lists(st.integers(0, 258), max_size=8)}, {}, PLAIN_JSON) | _body(
+    {}, {"tokens": st.lists(st.integers(-2, 300) | JUNK, max_size=6) | JUNK, "model": JUNK}, JUNK
+)
+
+
+@FUZZ
+@given(body=TOKENIZE_BODIES)
+@example(body={"prompt": "\ud800 =>"})  # what made the tokenizer raise in a completion
+@example(body={"messages": [{"role": "user", "content": "\udfff"}], "return_token_strs": True})
+def test_fuzz_tokenize(daemon: DaemonProcess, body: dict[str, Any]) -> None:
+    status, answer = _call(daemon, "POST", "/tokenize", _dumps(body))
+    event(f"status {status}")
+    assert status in (200, 400), (status, answer)
+    if status == 200:
+        assert answer["count"] == len(answer["tokens"]) and answer["max_model_len"] == 256, answer
+        strs = answer["token_strs"]
+        assert strs is None or len(strs) == answer["count"], answer
+
+
+@FUZZ
+@given(body=DETOKENIZE_BODIES)
+def test_fuzz_detokenize(daemon: DaemonProcess, body: dict[str, Any]) -> None:
+    status, answer = _call(daemon, "POST", "/detokenize", _dumps(body))
+    event(f"status {status}")
+    assert status in (200, 400), (status, answer)
+    if status == 200:
+        assert isinstance(answer["prompt"], str), answer
 
 
 @FUZZ
@@ -399,7 +436,7 @@ def test_fuzz_any_method_path_query_and_body(
     daemon: DaemonProcess, method: str, path: str, query: str, body: bytes | None
 ) -> None:
     status, _ = _call(daemon, method, f"{path}?{query}", body)
-    if method == "GET" and path in ("/healthz", "/readyz", "/v1/models", "/v1/adapters"):
+    if method == "GET" and path in ("/healthz", "/readyz", "/v1/models", "/v1/adapters", "/version"):
         assert status == 200  # the query string and any body are ignored
 
 

@@ -122,7 +122,10 @@ def test_every_metric_is_one_hotswapd_exports(dashboard: dict[str, Any]) -> None
         "hotswapd_request_duration_seconds_bucket", "hotswapd_time_to_first_token_seconds_bucket",
         "hotswapd_generated_tokens_total", "hotswapd_inflight_requests", "hotswapd_queue_depth",
         "hotswapd_kv_cache_usage_ratio", "hotswapd_hub_polls_total", "hotswapd_recompilations_total",
-        "hotswapd_build_info",
+        "hotswapd_build_info", "hotswapd_time_per_output_token_seconds_bucket",
+        "hotswapd_request_queue_time_seconds_bucket", "hotswapd_prompt_tokens_total", "hotswapd_running_rows",
+        "hotswapd_completions_finished_total", "hotswapd_request_prompt_tokens_bucket",
+        "hotswapd_request_generation_tokens_bucket",
     ):  # fmt: skip
         assert metric in used, metric
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -153,3 +154,50 @@ def test_a_real_prometheus_scrapes_the_daemon(daemon: DaemonProcess, demo_assets
     finally:
         rc = prom.stop()
     assert rc == 0, prom.log_path.read_text()[-2000:]
+
+
+def test_serving_metrics_count_prompts_choices_and_their_timings(daemon: DaemonProcess) -> None:
+    before = daemon.metrics()
+    sent = time.monotonic()
+    answer = daemon.client.post(  # two prompts, two choices each: four rows of 6 tokens
+        "/v1/completions",
+        {"prompt": ["Hello =>", "A longer prompt than the first one =>"], "n": 2, "max_tokens": 6,
+         "ignore_eos": True, "temperature": 0},
+    )  # fmt: skip
+    wall = time.monotonic() - sent
+    after = daemon.metrics()
+
+    def delta(series: str) -> float:
+        return (metric(after, series) or 0.0) - (metric(before, series) or 0.0)
+
+    assert delta("hotswapd_prompt_tokens_total") == answer["usage"]["prompt_tokens"]  # each prompt once
+    assert delta("hotswapd_request_prompt_tokens_count") == 2
+    assert delta("hotswapd_generated_tokens_total") == answer["usage"]["completion_tokens"] == 24
+    assert delta("hotswapd_request_generation_tokens_count") == 4
+    assert delta('hotswapd_completions_finished_total{finish_reason="length"}') == 4
+    assert delta('hotswapd_completions_finished_total{finish_reason="stop"}') == 0
+    for name in ("hotswapd_request_queue_time_seconds", "hotswapd_time_per_output_token_seconds",
+                 "hotswapd_time_to_first_token_seconds"):  # fmt: skip
+        assert delta(f"{name}_count") == 4, name
+    # Each choice: queued -> admitted <= queued -> first token, and first token + 5 gaps within the client's wall.
+    queued, ttft = delta("hotswapd_request_queue_time_seconds_sum"), delta("hotswapd_time_to_first_token_seconds_sum")
+    tpot = delta("hotswapd_time_per_output_token_seconds_sum")
+    assert 0 <= queued <= ttft and tpot > 0
+    assert ttft + 5 * tpot <= 4 * wall, (ttft, tpot, wall)
+
+
+def test_running_rows_while_a_generation_runs(daemon: DaemonProcess) -> None:
+    assert metric(daemon.metrics(), "hotswapd_running_rows") == 0
+    conn = _UnixConnection(str(daemon.sock), 60)
+    body = {"prompt": "Hello =>", "max_tokens": 240, "ignore_eos": True, "stream": True, "n": 3}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    try:
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")  # generating now: its three rows hold the cache
+        text = daemon.metrics()
+        assert metric(text, "hotswapd_running_rows") == 3, [ln for ln in text.splitlines() if "running" in ln]
+        assert (metric(text, "hotswapd_kv_cache_usage_ratio") or 0) > 0
+    finally:
+        conn.close()  # the client leaves: its generation is cancelled and its rows freed
+    wait_until(lambda: metric(daemon.metrics(), "hotswapd_running_rows") == 0, 10, "the rows to be freed")

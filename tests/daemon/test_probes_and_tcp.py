@@ -123,6 +123,9 @@ def test_listen_tcp_serves_inference_to_the_openai_client_and_refuses_admin_verb
     status, error = _get(f"http://127.0.0.1:{port}/v1/adapters")
     assert status == 403 and error["error"]["code"] == "unix_socket_only"
     assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+    status, tokenized = _post_tcp(port, "/tokenize", {"prompt": "Hello =>"})  # inference-side: served over TCP
+    assert status == 200 and tokenized["count"] == len(tokenized["tokens"]) > 0, tokenized
+    assert _get(f"http://127.0.0.1:{port}/v1/models/{model}")[0] == 200
     assert proc.live() == f"{REPO}@{first}"  # nothing the TCP side asked for happened
 
     # What a fleet router's endpoint picker scrapes on the port it routes to (GIE: the InferencePool target port).

@@ -15,9 +15,12 @@ from hotswap_core.slots import AdapterVersion
 from hotswapd.protocol import (
     ApiError,
     Call,
+    Tokenize,
     parse_chat,
     parse_completion,
+    parse_detokenize,
     parse_json,
+    parse_tokenize,
 )
 from hotswapd.responses import Echo, chunk, completion_body, logprobs_json, sse, usage_chunk
 
@@ -446,3 +449,39 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_anything_runs(promp
     assert caught.value.status == 400 and caught.value.param == "prompt"
     assert "outside this model's vocabulary (0 to 258)" in str(caught.value)
     assert parse_completion({"prompt": [[5], [258]]}, tok, SEQ, 4, None, 259).prompts == [[5], [258]]
+
+
+def test_tokenize_requests() -> None:
+    assert parse_tokenize({"prompt": "hi"}) == Tokenize("hi", None, None, False)  # as a completion runs it
+    assert parse_tokenize({"prompt": "", "add_special_tokens": True, "return_token_strs": True}) == Tokenize(
+        "", None, True, True
+    )
+    chat = parse_tokenize({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]})
+    assert chat == Tokenize(None, [{"role": "user", "content": "a"}], None, False)
+    for body, param in (
+        ({}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "a"}], "add_generation_prompt": False}, "add_generation_prompt"),
+        ({"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens"),
+        ({"prompt": "a", "model": 3}, "model"),
+    ):
+        with pytest.raises(ApiError) as err:
+            parse_tokenize(body)
+        assert err.value.status == 400 and err.value.param == param, (body, err.value.message)
+
+
+def test_detokenize_requests() -> None:
+    assert parse_detokenize({"tokens": [1, 2, 255]}, 256) == [1, 2, 255]
+    assert parse_detokenize({"tokens": []}, 256) == []
+    for body, needle in (
+        ({"tokens": [256]}, "outside this model's vocabulary (0 to 255)"),
+        ({"tokens": [-1]}, "list of token ids"),
+        ({"tokens": [True]}, "list of token ids"),
+        ({"tokens": "1 2"}, "list of token ids"),
+        ({}, "list of token ids"),
+    ):
+        with pytest.raises(ApiError) as err:
+            parse_detokenize(body, 256)
+        assert err.value.param == "tokens" and needle in err.value.message, (body, err.value.message)
