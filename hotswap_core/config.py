@@ -52,6 +52,10 @@ class ModelConfig:
     # Intra-op threads of the CPU kernels: auto (torch's count: one per physical core, or OMP_NUM_THREADS) | a
     # number (1: a sidecar that leaves the other cores to its neighbours). See cpu_threads.py.
     cpu_threads: Literal["auto"] | int = "auto"
+    # Prompt tokens a row prefills per engine step: a longer prompt is prefilled over several steps, between which
+    # the running rows decode (a long prompt no longer stalls every stream for its whole prefill; a step prefills
+    # at most max_batch_size x this). auto: 2048 on CUDA, 128 on CPU; null: a prompt in one step, however long.
+    prefill_chunk_tokens: Literal["auto"] | int | None = "auto"
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,9 @@ def _check_values(c: Config) -> list[str]:
             f"server.max_queue: must be >= model.max_batch_size ({c.model.max_batch_size}), got "
             f"{c.server.max_queue}: a request's prompts and choices are queued together"
         )
+    chunk = c.model.prefill_chunk_tokens
+    if isinstance(chunk, int) and chunk < 16:
+        p.append(f"model.prefill_chunk_tokens: must be 'auto', null or >= 16, got {chunk}")
     if isinstance(c.model.cpu_threads, int) and c.model.cpu_threads < 1:
         p.append(f"model.cpu_threads: must be 'auto' or >= 1, got {c.model.cpu_threads}")
     if c.adapter.target_rank < 1:

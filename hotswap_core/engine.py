@@ -29,7 +29,7 @@ from hotswap_core.detokenize import TokenTexts
 from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams, Scored
 from hotswap_core.runner import ModelRunner, StepOutput, resolve_device, resolve_dtype, resolve_mode
-from hotswap_core.sampling import logprobs, sample, uniforms
+from hotswap_core.sampling import GREEDY, logprobs, sample, uniforms
 from hotswap_core.scheduler import Group, Row, RowTable
 from hotswap_core.warmup import WarmupStep, estimate, warmup_plan
 
@@ -268,13 +268,45 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self) -> None:
+        later = [r for r in self.table.active if r.prefilling]  # prompts longer than a chunk, admitted before
         with self._cv:
             groups = self.table.take_admissible()
         admitted = [row for group in groups for row in self._admit(group)]
-        if admitted:
-            self._run(admitted, self.runner.prefill)
-        if self.table.active:
-            self._run(self.table.active, self._decode)
+        if admitted:  # their first chunks (whole prompts, when short)
+            self._prefill(admitted)
+        if later := [r for r in later if not self._cancelled_prefilling(r)]:  # the next chunk of each
+            self._prefill(later)
+        if decoding := [r for r in self.table.active if not r.prefilling]:
+            self._run(decoding, self._decode)
+
+    def _cancelled_prefilling(self, row: Row) -> bool:
+        """A row whose client went away while its prompt was prefilling ends here, as cancelled."""
+        if not row.state.request.cancelled.is_set():
+            return False
+        row.state.finish_reason = "cancelled"
+        self._retire(row)
+        return True
+
+    def _prefill(self, rows: list[Row]) -> None:
+        """The next chunk of each row's prompt (``runner.prefill``); the rows whose prompt is then whole get their
+        first token, scored and pushed as a decode step's are. A failure fails these rows alone."""
+        ends = [self.runner.chunk_end(r) for r in rows]
+        whole = [i for i, (r, end) in enumerate(zip(rows, ends, strict=True)) if end == len(r.state.prompt_ids)]
+        try:
+            numbers = [GREEDY] * len(rows)  # a row draws (from its own stream) only when its prompt is whole
+            for i, u in zip(whole, uniforms([rows[i].state for i in whole]), strict=True):
+                numbers[i] = u
+            out = self.runner.prefill(rows, numbers)
+            failed = self._prefilled(rows, out, ends)
+            for i, row in enumerate(rows):
+                row.finite = row.finite and out.finite[i]
+            done = [i for i in whole if i not in failed]
+            if done:
+                self._sample([rows[i] for i in done], out.only(done), [numbers[i] for i in done], set())
+        except Exception as exc:
+            log.exception("prefilling %d rows failed", len(rows))
+            self._fail(rows, exc)
+        self.last_loop_at = time.monotonic()
 
     def _decode(self, rows: list[Row], numbers: list[float]) -> StepOutput:
         out = self.runner.decode(rows, self.table.bucket_rows(self.buckets), self.table.span(self.spans), numbers)
@@ -314,34 +346,38 @@ class Engine:
         try:
             numbers = uniforms([r.state for r in rows])  # each row's draw this step, taken once
             out = forward(rows, numbers)
-            failed = self._prefilled(rows, out.hidden) if out.hidden is not None else set()
-            self._sample(rows, out, numbers, failed)
+            self._sample(rows, out, numbers, set())
         except Exception as exc:
             log.exception("a step over %d rows failed", len(rows))
             self._fail(rows, exc)
         self.last_loop_at = time.monotonic()  # a long generation is still a turning worker
 
-    def _prefilled(self, rows: list[Row], hidden: torch.Tensor) -> set[int]:
-        """Score the prompts of the rows that ask (``runner.score_prompt``: the head over their prefill's hidden
-        states; once for rows with the same prompt, slot and alternatives, as a request's ``n`` choices) and tell
-        each row its prompt ran, before its first token. A row whose client went away is not scored. Returns
-        the rows (indices into ``rows``) whose scoring failed: they fail alone."""
+    def _prefilled(self, rows: list[Row], out: StepOutput, ends: list[int]) -> set[int]:
+        """After a chunk of each row's prompt ran (to ``ends``): score it for the rows that ask
+        (``runner.score_prompt``: the head over the chunk's hidden states; once for rows with the same prompt,
+        chunk, slot and alternatives, as a request's ``n`` choices), note how far each prompt is in the cache, and
+        tell each row whose prompt is now whole that it ran, before its first token. A row whose client went away
+        is not scored. Returns the rows (indices into ``rows``) whose scoring failed: they fail alone."""
         failed: set[int] = set()
-        done: dict[tuple[tuple[int, ...], int, int], tuple[Scored, ...]] = {}
-        for i, row in enumerate(rows):
+        done: dict[tuple[tuple[int, ...], int, int, int], tuple[Scored, ...]] = {}
+        for i, (row, end) in enumerate(zip(rows, ends, strict=True)):
             top = row.state.params.prompt_logprobs
-            scored = None
             if top is not None and not row.state.request.cancelled.is_set():
-                key = (tuple(row.state.prompt_ids), row.slot, top)
+                assert out.hidden is not None
+                key = (tuple(row.state.prompt_ids), row.slot, top, row.filled)
                 try:
-                    scored = done.get(key) or self.runner.score_prompt(row, hidden[i], top)
+                    scored = done.get(key) or self.runner.score_prompt(row, out.hidden[i], top, row.filled, end)
                     done[key] = scored
+                    row.scored += scored
                 except Exception as exc:
                     log.exception("scoring a prompt of %d tokens failed", len(row.state.prompt_ids))
                     self._fail([row], exc)
                     failed.add(i)
                     continue
-            row.state.prefilled(scored)
+            row.filled = end
+            if not row.prefilling:
+                asked = top is not None and not row.state.request.cancelled.is_set()
+                row.state.prefilled(tuple(row.scored) if asked else None)
         return failed
 
     def _sample(self, rows: list[Row], out: StepOutput, numbers: list[float], failed: set[int]) -> None:

@@ -84,10 +84,16 @@ class KVCache:
 class StepView:
     """What one forward writes to and reads from the cache.
 
-    Prefill (``decode_rows`` is None): batch row ``i`` is cache row ``rows[i]`` and its prompt starts at
-    position 0, so attention is causal over the step's own keys (right padding is never attended to by a
-    real token). Decode: batch row ``i`` *is* cache row ``i`` of the first ``decode_rows`` rows (a view, no
-    gather); each row attends to the positions up to its own (``mask``) among the first ``span``.
+    Prefill (``decode_rows`` is None): batch row ``i`` is cache row ``rows[i]``. A prompt's first chunk starts
+    at position 0, so attention is causal over the step's own keys (right padding is never attended to by a
+    real token). A later chunk (``past``: ``arange(S)``, S past the furthest chunk's end) attends to its row's
+    cached positions up to each query's own, its own keys included (written first). Decode: batch row ``i``
+    *is* cache row ``i`` of the first ``decode_rows`` rows (a view, no gather); each row attends to the
+    positions up to its own (``mask``) among the first ``span``.
+
+    Positions past a row's tokens (padding, rows nobody holds) are written with whatever the step computed
+    there and never read: a row reads a position only after its own token there was written. Past the context,
+    such positions are ``max_seq_len``, the cache's one spare position, which no span reaches.
     """
 
     cache: KVCache
@@ -95,6 +101,7 @@ class StepView:
     positions: torch.Tensor  # [B, q] position of each query token
     decode_rows: int | None = None
     mask: torch.Tensor | None = None  # decode: [B, 1, 1, span], True where a row may attend
+    past: torch.Tensor | None = None  # a later chunk's prefill: arange(S), the positions it may read
 
 
 def decode_view(cache: KVCache, positions: torch.Tensor, seen: torch.Tensor) -> StepView:
@@ -125,8 +132,16 @@ def static_cache_attention(
     k_cache[where] = key.transpose(1, 2)
     v_cache[where] = value.transpose(1, 2)
     gqa = query.shape[1] != key.shape[1]
-    if view.decode_rows is None:
+    if view.decode_rows is None and view.past is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    elif view.decode_rows is None:
+        assert view.past is not None
+        span = view.past.shape[0]
+        mask = (view.past[None, None, :] <= view.positions[:, :, None])[:, None]  # [B, 1, q, S]
+        out = F.scaled_dot_product_attention(
+            query, k_cache[view.rows, :, :span], v_cache[view.rows, :, :span], attn_mask=mask, scale=scaling,
+            enable_gqa=gqa,
+        )  # fmt: skip
     else:
         assert view.mask is not None  # decode_view always makes one
         n, span = view.decode_rows, view.mask.shape[-1]

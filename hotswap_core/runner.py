@@ -71,6 +71,14 @@ def use_compile_cache(path: str) -> None:
     os.makedirs(current, exist_ok=True)
 
 
+def resolve_prefill_chunk(choice: str | int | None, device: torch.device, max_seq_len: int) -> int:
+    """``model.prefill_chunk_tokens``: ``auto`` is 2048 on CUDA, 128 elsewhere; None never splits a prompt."""
+    if choice is None:
+        return max_seq_len
+    chunk = (2048 if device.type == "cuda" else 128) if choice == "auto" else int(choice)
+    return min(chunk, max_seq_len)
+
+
 def resolve_cpp_wrapper(choice: str | bool, device: torch.device) -> bool:
     """``auto``: inductor's C++ wrapper on CPU (a step runs as one call without the GIL), not on CUDA."""
     return device.type == "cpu" if choice == "auto" else bool(choice)
@@ -107,6 +115,11 @@ class StepOutput:
     finite: list[bool]
     hidden: torch.Tensor | None = None
 
+    def only(self, kept: list[int]) -> StepOutput:
+        """The output of the rows at ``kept`` (indices into this output's rows), in that order."""
+        at, tokens, finite = self.at, self.tokens, self.finite
+        return StepOutput(self.logits, [at[i] for i in kept], [tokens[i] for i in kept], [finite[i] for i in kept])
+
     @classmethod
     def read(
         cls, logits: torch.Tensor, outcome: torch.Tensor, at: list[int], hidden: torch.Tensor | None = None
@@ -129,6 +142,8 @@ class ModelRunner:
         self.max_seq_len = config.model.max_seq_len
         self.buckets = buckets_for(self.max_batch_size)  # decode batch sizes, a graph each
         self.spans = spans_for(self.max_seq_len)  # the positions a decode step attends to
+        # Prompt tokens a row prefills per step: a longer prompt takes several, decode steps in between.
+        self.prefill_chunk = resolve_prefill_chunk(config.model.prefill_chunk_tokens, self.device, self.max_seq_len)
         self.sampling_defaults: dict[str, float | int] = {}  # from generation_config.json, set by load()
 
     def load(self) -> None:
@@ -238,12 +253,19 @@ class ModelRunner:
 
     # ---- the two forwards (what gets compiled) ------------------------------------------------
     def _prefill_forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor, draws: torch.Tensor
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        last: torch.Tensor,
+        draws: torch.Tensor,
+        past: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompts ``ids`` [B, L] (right-padded) into cache ``rows`` [B]; next-token logits [B, V] at ``last``,
-        ``_outcome`` [2, B] (``draws`` [B, 2]: ``sampling.draw_inputs``), and every position's hidden state
-        [B, L, H] (the head's input: what scoring a prompt needs; computed anyway, so returning it is free)."""
-        view = StepView(self.cache, rows, positions)
+        """Prompt chunks ``ids`` [B, L] (right-padded) at ``positions`` into cache ``rows`` [B]; next-token logits
+        [B, V] at ``last``, ``_outcome`` [2, B] (``draws`` [B, 2]: ``sampling.draw_inputs``), and every position's
+        hidden state [B, L, H] (the head's input: what scoring a prompt needs; computed anyway, so returning it is
+        free). First chunks start at 0; later ones read their rows' cached positions ``past`` (``arange(S)``)."""
+        view = StepView(self.cache, rows, positions, past=past)
         states = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
         hidden = states.last_hidden_state
         logits = self._head(hidden[torch.arange(ids.shape[0], device=ids.device), last])  # [B, V]
@@ -261,45 +283,61 @@ class ModelRunner:
         return logits, _outcome(logits, draws)
 
     # ---- one forward over rows ------------------------------------------------------------------------
+    def chunk_end(self, row: Row) -> int:
+        """Where the next chunk of ``row``'s prompt ends (it starts at ``row.filled``)."""
+        return min(len(row.state.prompt_ids), row.filled + self.prefill_chunk)
+
     def prefill(self, rows: list[Row], numbers: list[float]) -> StepOutput:
-        """The prompts of newly admitted ``rows`` into their cache rows, with this step's ``numbers``
-        (``sampling.uniforms``)."""
+        """The next chunk of each row's prompt (``row.filled`` to ``chunk_end``) into its cache row, with this
+        step's ``numbers`` (``sampling.uniforms``; the next token is drawn at each chunk's last position, and
+        read only after a prompt's last chunk). Rows are all first chunks or all later ones."""
+        chunks = [(r.filled, self.chunk_end(r)) for r in rows]
         # At least 2 positions: dynamo specialises size-1 dims, and a 1-token prefill would be one more graph.
-        bsz, length = len(rows), max(2, *(len(r.state.prompt_ids) for r in rows))
+        bsz, length = len(rows), max(2, *(end - start for start, end in chunks))
         ids = torch.full((bsz, length), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r.state.prompt_ids)] = torch.tensor(r.state.prompt_ids)
-        positions = torch.arange(length).repeat(bsz, 1)
+        for i, (r, (start, end)) in enumerate(zip(rows, chunks, strict=True)):
+            ids[i, : end - start] = torch.tensor(r.state.prompt_ids[start:end])
+        starts = torch.tensor([start for start, _ in chunks])
+        # Padding past the context goes to the cache's spare position (see StepView).
+        positions = (starts[:, None] + torch.arange(length)).clamp(max=self.max_seq_len)
         index = torch.tensor([r.index for r in rows])
-        last = torch.tensor([len(r.state.prompt_ids) - 1 for r in rows])
+        last = torch.tensor([end - start - 1 for start, end in chunks])
         draws = draw_inputs([r.state for r in rows], numbers, bsz, range(bsz)).to(self.device)
         # Its width (2) is a constant: symbolic, it would be duck-sized with a batch of 2 and recompile at 3.
         torch._dynamo.mark_static(draws, 1)
+        past = None
+        if any(start for start, _ in chunks):
+            past = torch.arange(max(end for _, end in chunks), device=self.device)  # below max_seq_len: never all
+            torch._dynamo.mark_dynamic(past, 0, min=2, max=self.max_seq_len)
         self.slots.assign([r.slot for r in rows])
         dev = self.device
-        logits, outcome, hidden = self._prefill_fn(ids.to(dev), positions.to(dev), index.to(dev), last.to(dev), draws)
+        logits, outcome, hidden = self._prefill_fn(
+            ids.to(dev), positions.to(dev), index.to(dev), last.to(dev), draws, past
+        )
         return StepOutput.read(logits, outcome, list(range(bsz)), hidden)
 
-    def score_prompt(self, row: Row, hidden: torch.Tensor, top: int) -> tuple[Scored, ...]:
-        """Each prompt token after the first, scored in the context before it: its log-probability and the
-        ``top`` most likely tokens' at its position (``sampling.logprobs``), from the prefill's ``hidden`` states
-        of ``row`` [L, H]. The head runs eagerly, outside the compiled graphs (whose shapes stay as they are),
-        on the row's slot (a LoRA head), a piece of the prompt at a time."""
+    def score_prompt(self, row: Row, hidden: torch.Tensor, top: int, start: int, end: int) -> tuple[Scored, ...]:
+        """The prompt tokens after positions ``start`` .. ``end - 1`` (a chunk), each scored in the context before
+        it: its log-probability and the ``top`` most likely tokens' (``sampling.logprobs``), from the chunk's
+        ``hidden`` states of ``row`` [L, H] (position ``start`` first). The head runs eagerly, outside the compiled
+        graphs (whose shapes stay as they are), on the row's slot (a LoRA head), a piece at a time."""
         prompt = row.state.prompt_ids
         self.slots.assign([row.slot])
         piece = max(1, _SCORE_ELEMENTS // self.vocab_size)
         scored: list[Scored] = []
-        for start in range(0, len(prompt) - 1, piece):
-            end = min(start + piece, len(prompt) - 1)
-            logits = self._head(hidden[None, start:end])[0]  # [end - start, V]: positions start .. end-1
-            scored += logprobs(logits, range(end - start), prompt[start + 1 : end + 1], [top] * (end - start))
+        stop = min(end, len(prompt) - 1)  # the last position predicts no prompt token
+        for first in range(start, stop, piece):
+            upto = min(first + piece, stop)
+            logits = self._head(hidden[None, first - start : upto - start])[0]  # positions first .. upto - 1
+            scored += logprobs(logits, range(upto - first), prompt[first + 1 : upto + 1], [top] * (upto - first))
         return tuple(scored)
 
     def decode(self, rows: list[Row], n: int, span: int, numbers: list[float]) -> StepOutput:
         """One token for each of ``rows``, over cache rows ``0 .. n-1`` (``n`` a decode bucket) and their first
         ``span`` positions (one of ``spans``, above every row's position), with this step's ``numbers``
         (``sampling.uniforms``); the logits stay [n, V], ``rows[i]`` at ``r.index``."""
-        ids, positions, slots = [self.pad_id] * n, [0] * n, [0] * n  # rows nobody holds: position 0, discarded
+        # Rows nobody decodes (free, or still prefilling) write at the spare position, which nothing reads.
+        ids, positions, slots = [self.pad_id] * n, [self.max_seq_len] * n, [0] * n
         for r in rows:
             ids[r.index], positions[r.index], slots[r.index] = r.state.ids[-1], r.position, r.slot
         at = [r.index for r in rows]

@@ -2,7 +2,8 @@
 
 Requests wait in groups (the prompts of one HTTP request, admitted together so they run on one version).
 Each engine step admits waiting groups into free rows (lowest free row first, so decode batches stay
-small), and a row is retired the step its request finishes: its future resolves, its stream ends and the
+small), prefills their prompts a chunk at a time (a row decodes once its whole prompt is in the cache), and a
+row is retired the step its request finishes: its future resolves, its stream ends and the
 row is free for the next step. A row is pinned to the adapter slot that was live when it was admitted
 (or to the standby slot, for a swap's smoke prompts) and keeps it to its last token.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hotswap_core.generation import GenerationRequest, RowState
+from hotswap_core.generation import GenerationRequest, RowState, Scored
 from hotswap_core.slots import AdapterVersion
 
 
@@ -31,11 +32,18 @@ class Row:
     capture: bool = False  # keep the first step's logits (``Engine.last_logits``)
     finite: bool = True
     logits: torch.Tensor | None = None
+    filled: int = 0  # prompt tokens in the cache: a prompt longer than a chunk is prefilled over several steps
+    scored: list[Scored] = field(default_factory=list)  # its prompt's log-probabilities so far (when asked)
 
     @property
     def position(self) -> int:
         """Position of the token the next decode step feeds: the last one sampled."""
         return len(self.state.prompt_ids) + len(self.state.ids) - 1
+
+    @property
+    def prefilling(self) -> bool:
+        """Its prompt is not all in the cache yet: it takes no decode step."""
+        return self.filled < len(self.state.prompt_ids)
 
 
 @dataclass(eq=False)
@@ -93,7 +101,7 @@ class RowTable:
 
     def span(self, spans: tuple[int, ...]) -> int:
         """Positions a decode step attends to: the smallest span holding every running row's position."""
-        furthest = max((r.position for r in self.rows if r is not None), default=0) + 1
+        furthest = max((r.position for r in self.rows if r is not None and not r.prefilling), default=0) + 1
         return next(s for s in spans if s >= furthest)
 
 

@@ -82,6 +82,8 @@ def test_unknown_keys_are_errors_with_their_path() -> None:
         ({"server": {"listen_tcp": "[::1]:99999"}}, "server.listen_tcp: expected HOST:PORT"),
         ({"source": {"hub": {"poll_jitter": 1.0}}}, "source.hub.poll_jitter: must be >= 0 and < 1"),
         ({"source": {"hub": {"poll_jitter": -0.1}}}, "source.hub.poll_jitter: must be >= 0 and < 1"),
+        ({"model": {"prefill_chunk_tokens": 8}}, "model.prefill_chunk_tokens: must be 'auto', null or >= 16, got 8"),
+        ({"model": {"prefill_chunk_tokens": "big"}}, "model.prefill_chunk_tokens: expected 'auto' or an integer"),
     ],
 )
 def test_impossible_values(override: dict, expected: str) -> None:
@@ -149,3 +151,16 @@ def test_cpp_wrapper_is_auto_or_a_boolean(value: object) -> None:
 def test_cpp_wrapper_refuses_anything_else(value: object) -> None:
     got = problems(with_({"model": {"compile": {"cpp_wrapper": value}}}))
     assert got == [f"model.compile.cpp_wrapper: expected 'auto' or true or false, got {value!r}"]
+
+
+@pytest.mark.parametrize(("value", "device", "chunk"), [("auto", "cuda", 2048), ("auto", "cpu", 128), (100, "cpu", 100),
+                                                        (None, "cpu", 4096), (10_000, "cuda", 4096)])  # fmt: skip
+def test_prefill_chunk_tokens(value: object, device: str, chunk: int) -> None:
+    """auto: 2048 on CUDA, 128 elsewhere; null: a whole prompt at once; never more than the context."""
+    import torch
+
+    from hotswap_core.runner import resolve_prefill_chunk
+
+    config = config_from_dict(with_({"model": {"prefill_chunk_tokens": value, "max_seq_len": 4096}}))
+    assert config.model.prefill_chunk_tokens == value
+    assert resolve_prefill_chunk(value, torch.device(device), 4096) == chunk  # type: ignore[arg-type]

@@ -258,3 +258,73 @@ def test_a_generation_crosses_every_attention_span_and_matches_eager_peft(
     assert list(got.token_ids) == want
     assert set(spans) == {64, 128, 256} and spans == sorted(spans), spans  # widening as the long row advances
     assert engine.recompilations == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(
+    engine: Any, swapper: Swapper, pool: dict[str, Path], demo_assets: Any
+) -> None:
+    """A 250-token prompt arrives while a generation runs: it is prefilled 64 tokens a step (the demo's
+    ``prefill_chunk_tokens``) in 4 steps, each followed by a decode step of the running row, not in one forward
+    that stalls it; its text equals the eager PEFT model's greedy tokens, under ``fail_on_recompile``."""
+    assert engine.runner.prefill_chunk == 64
+    assert swapper.swap(pool["p_rslora"], version="chunks").result in ("success", "unchanged")
+    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), pool["p_rslora"])
+    prompt = ("The quick brown fox jumps over the lazy dog. " * 6)[:250]
+    ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    assert len(ids) == 250
+    want = _greedy(model.eval(), ids, 6)
+    events: list[tuple[str, int, int]] = []  # ("prefill", chunk start, chunk end) / ("decode", rows, 0)
+    prefill, decode = engine.runner.prefill, engine.runner.decode
+
+    def spy_prefill(rows: Any, numbers: Any) -> Any:
+        for r in rows:
+            if len(r.state.prompt_ids) == 250:
+                events.append(("prefill", r.filled, engine.runner.chunk_end(r)))
+        return prefill(rows, numbers)
+
+    def spy_decode(rows: Any, n: int, span: int, numbers: Any) -> Any:
+        events.append(("decode", len(rows), 0))
+        return decode(rows, n, span, numbers)
+
+    started, on_text = _after_tokens(3)
+    running = engine.submit(GenerationRequest("Hello =>", _fixed(200), on_text=on_text))
+    assert started.wait(60)
+    engine.runner.prefill, engine.runner.decode = spy_prefill, spy_decode
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        got = engine.submit(GenerationRequest(prompt, _fixed(6))).result(120)
+    finally:
+        torch.compiler.set_stance("default")
+        engine.runner.prefill, engine.runner.decode = prefill, decode
+    assert list(got.token_ids) == want
+    chunks = [(a, b) for kind, a, b in events if kind == "prefill"]
+    assert chunks == [(0, 64), (64, 128), (128, 192), (192, 250)], events
+    first = events.index(("prefill", 0, 64))
+    between = events[first : events.index(("prefill", 192, 250))]
+    # After each of the first three chunks, a decode step of the running row alone (the long one is not in it).
+    assert [e for e in between if e[0] == "decode"] == [("decode", 1, 0)] * 3, events
+    assert not running.done() and running.result(120).completion_tokens == 200
+    assert engine.recompilations == 0
+
+
+def test_a_client_gone_while_its_prompt_prefills_frees_its_row(engine: Any) -> None:
+    """Cancelled between two chunks of its prompt: it ends there as cancelled, its row and slot pin are free."""
+    prefill = engine.runner.prefill
+    gone = GenerationRequest("q" * 200, _fixed(4))
+    chunks: list[int] = []
+
+    def spy(rows: Any, numbers: Any) -> Any:
+        out = prefill(rows, numbers)
+        if any(r.state.request is gone for r in rows):
+            chunks.append(len(chunks))
+            gone.cancelled.set()  # after its first chunk
+        return out
+
+    engine.runner.prefill = spy
+    try:
+        result = engine.submit(gone).result(60)
+    finally:
+        engine.runner.prefill = prefill
+    assert result.finish_reason == "cancelled" and result.token_ids == ()
+    assert chunks == [0], "the other three chunks of its prompt should not have run"
+    assert engine.table.free == engine.max_batch_size and engine.slots.pinned(0) == engine.slots.pinned(1) == 0

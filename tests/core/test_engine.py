@@ -309,7 +309,8 @@ def test_prompt_logprobs_are_the_models_own_in_pieces_on_each_rows_slot(
     """Each prompt token after the first, scored in the context before it, equals a fresh eager PeftModel's
     log-softmax there (teacher forcing over the prompt), with its top alternatives: for rows of two versions
     in one prefill (the head runs on each row's slot), with the prompt scored in pieces of 3 positions, beside a row
-    that does not ask, whose tokens do not change; a one-token prompt has nothing to score."""
+    that does not ask, whose tokens do not change; a one-token prompt has nothing to score. The long prompt
+    (182 tokens) is prefilled in 3 chunks of at most 64 (the demo's ``prefill_chunk_tokens``), each scored."""
     import hotswap_core.runner as runner_module
 
     monkeypatch.setattr(runner_module, "_SCORE_ELEMENTS", engine.vocab_size * 3)
@@ -317,7 +318,8 @@ def test_prompt_logprobs_are_the_models_own_in_pieces_on_each_rows_slot(
     assert swap(adapters["r2_alpha7"]).result in ("success", "unchanged")
     old = engine.slots.live
     assert swap(adapters["r8_full"]).result == "success"
-    prompts = ["The quick brown fox jumps over the lazy dog =>", "日本語 ok => abc", "a"]
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 4 + "=>", "日本語 ok => abc", "a"]
+    assert engine.runner.prefill_chunk == 64
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     plain = engine.generate(prompts[1:2], params)[0]
     asking = [
@@ -340,7 +342,7 @@ def test_prompt_logprobs_are_the_models_own_in_pieces_on_each_rows_slot(
     for result, adapter, top in ((results[0], "r8_full", 4), (old_result, "r2_alpha7", 0)):
         ids = tokenizer.encode(prompts[0], add_special_tokens=False)
         want = eager_logprobs(demo_assets.base, adapters[adapter], ids[:1], ids[1:])  # [len - 1, V]
-        assert result.prompt_logprobs is not None and len(result.prompt_logprobs) == len(ids) - 1 > 6
+        assert result.prompt_logprobs is not None and len(result.prompt_logprobs) == len(ids) - 1 > 128
         for t, (logprob, alternatives) in enumerate(result.prompt_logprobs):
             assert logprob == pytest.approx(float(want[t, ids[t + 1]]), abs=ATOL)
             assert [token for token, _ in alternatives] == want[t].topk(top).indices.tolist()
@@ -356,9 +358,9 @@ def test_a_prompt_is_scored_once_for_its_choices_and_not_for_a_cancelled_row(eng
     calls: list[int] = []
     real = runner_module.ModelRunner.score_prompt
 
-    def counted(self: Any, row: Any, hidden: Any, top: int) -> Any:
+    def counted(self: Any, row: Any, hidden: Any, top: int, start: int, end: int) -> Any:
         calls.append(len(row.state.prompt_ids))
-        return real(self, row, hidden, top)
+        return real(self, row, hidden, top, start, end)
 
     monkeypatch.setattr(runner_module.ModelRunner, "score_prompt", counted)
     params = SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=1)

@@ -48,8 +48,8 @@ def test_a_step_spans_the_furthest_running_row() -> None:
     table = RowTable(4)
     assert table.span((64, 128, 256)) == 64  # idle
 
-    def row(index: int, position: int) -> types.SimpleNamespace:
-        return types.SimpleNamespace(index=index, position=position)
+    def row(index: int, position: int, prefilling: bool = False) -> types.SimpleNamespace:
+        return types.SimpleNamespace(index=index, position=position, prefilling=prefilling)
 
     table.rows[0] = row(0, 10)  # type: ignore[assignment]
     assert table.span((64, 128, 256)) == 64
@@ -59,3 +59,5 @@ def test_a_step_spans_the_furthest_running_row() -> None:
     assert table.span((64, 128, 256)) == 128
     table.rows[3] = row(3, 255)  # type: ignore[assignment]
     assert table.span((64, 128, 256)) == 256
+    table.rows[3] = row(3, 255, prefilling=True)  # type: ignore[assignment]  # takes no decode step: not spanned
+    assert table.span((64, 128, 256)) == 64

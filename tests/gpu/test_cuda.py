@@ -165,3 +165,34 @@ def test_prompt_logprobs_from_the_compiled_prefill(cuda_engine: Any, swapper: Sw
         for t, (logprob, top) in enumerate(res.prompt_logprobs):
             assert abs(logprob - float(want[t, ids[t + 1]])) <= 0.1, (prompt, t)  # bf16 vs bf16 eager
             assert len(top) == 2 and top[0][1] >= top[1][1]
+
+
+def test_spans_and_chunked_prefill_replay_what_warm_up_recorded(
+    cuda_engine: Any, swapper: Swapper, demo_assets: Any
+) -> None:
+    """A 240-token generation moves through every attention span (64, 128, 256: a CUDA graph each, recorded during
+    warm-up) while a 200-token prompt is prefilled in chunks of 64, without a recompile or a skipped or re-recorded
+    graph; the chunked prompt's next-token logits are a fresh eager bf16 PeftModel's. (Not run: no GPU yet.)"""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert cuda_engine.spans == (64, 128, 256) and cuda_engine.runner.prefill_chunk == 64
+    assert swapper.swap(demo_assets.alpha).result in ("success", "unchanged")
+    prompt = ("The quick brown fox jumps over the lazy dog. " * 5)[:200]
+    before = _cudagraph_counters()
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        running = cuda_engine.submit(GenerationRequest("ab", SamplingParams(max_tokens=240, ignore_eos=True)))
+        got = cuda_engine.last_logits([prompt])[0]
+        assert running.result(120).completion_tokens == 240
+    finally:
+        torch.compiler.set_stance("default")
+    assert cuda_engine.recompilations == 0
+    assert _cudagraph_counters() == before, "CUDA graphs were skipped or re-recorded"
+    model: Any = AutoModelForCausalLM.from_pretrained(demo_assets.base, dtype=torch.bfloat16).cuda().eval()
+    model = PeftModel.from_pretrained(model, demo_assets.alpha).eval()
+    with torch.inference_mode():
+        ids = torch.tensor([cuda_engine.tokenizer.encode(prompt, add_special_tokens=False)], device="cuda")
+        want = model(input_ids=ids).logits[0, -1].float().cpu()
+    assert (got - want).abs().max().item() <= 0.03 * want.abs().max().item()
+    assert int(got.argmax()) == int(want.argmax())
