@@ -1,10 +1,11 @@
 """The static KV cache and the attention that reads it.
 
-Every layer's keys and values live in one preallocated tensor each, ``[rows, kv_heads, max_seq_len,
-head_dim]`` (gpt-fast style). A row of the cache belongs to one running request from admission to its
-last token; a token's K/V are written in place at ``(row, position)``. Nothing is ever concatenated or
-reallocated, so a decode step has the same shapes every time: one compiled graph per batch-size bucket,
-and on CUDA one CUDA graph per batch-size bucket and attention span.
+Every layer's keys and values live in one preallocated tensor each, ``[rows, kv_heads, max_seq_len + 1,
+head_dim]`` (gpt-fast style; the last position is a spare that steps write to and no step reads). A row of the
+cache belongs to one running request from admission to its last token; a token's K/V are written in place at
+``(row, position)``. Nothing is ever concatenated or reallocated, so a decode step has the same shapes every
+time: one compiled graph per batch-size bucket, and on CUDA one CUDA graph per batch-size bucket and attention
+span.
 
 A decode step attends to the first ``span`` positions of its rows, not to all ``max_seq_len``: the smallest
 of ``spans_for(max_seq_len)`` (powers of two) that holds the furthest running row's position. Reading the
@@ -129,8 +130,11 @@ def static_cache_attention(
     view, layer = hotswap_kv, int(module.layer_idx)  # type: ignore[arg-type]  # set by every attention module
     k_cache, v_cache = view.cache.k[layer], view.cache.v[layer]
     where = (view.rows[:, None], slice(None), view.positions)  # -> [B, q, kv_heads, head_dim]
-    k_cache[where] = key.transpose(1, 2)
-    v_cache[where] = value.transpose(1, 2)
+    # Never a NaN or an infinity in the cache: attention reads a row's positions past its own too, masked, and a
+    # masked NaN still poisons the output (0 x NaN). A row whose activations overflowed (a candidate failing its
+    # smoke prompt, say) would otherwise leave them for the next request placed in that row.
+    k_cache[where] = torch.nan_to_num(key.transpose(1, 2), nan=0.0, posinf=0.0, neginf=0.0)
+    v_cache[where] = torch.nan_to_num(value.transpose(1, 2), nan=0.0, posinf=0.0, neginf=0.0)
     gqa = query.shape[1] != key.shape[1]
     if view.decode_rows is None and view.past is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)

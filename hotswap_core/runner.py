@@ -76,7 +76,8 @@ def resolve_prefill_chunk(choice: str | int | None, device: torch.device, max_se
     if choice is None:
         return max_seq_len
     chunk = (2048 if device.type == "cuda" else 128) if choice == "auto" else int(choice)
-    return min(chunk, max_seq_len)
+    # A chunk within a few tokens of the context would split off a sliver no warm-up prompt covers: no chunks.
+    return chunk if chunk <= max_seq_len - 8 else max_seq_len
 
 
 def resolve_cpp_wrapper(choice: str | bool, device: torch.device) -> bool:
@@ -266,7 +267,7 @@ class ModelRunner:
         hidden state [B, L, H] (the head's input: what scoring a prompt needs; computed anyway, so returning it is
         free). First chunks start at 0; later ones read their rows' cached positions ``past`` (``arange(S)``)."""
         view = StepView(self.cache, rows, positions, past=past)
-        states = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
+        states = self._decoder(input_ids=ids, position_ids=self._rope(positions), use_cache=False, hotswap_kv=view)
         hidden = states.last_hidden_state
         logits = self._head(hidden[torch.arange(ids.shape[0], device=ids.device), last])  # [B, V]
         return logits, _outcome(logits, draws), hidden
@@ -278,9 +279,15 @@ class ModelRunner:
         ``seen`` (``arange(span)``); logits [n, V] and ``_outcome`` [2, n] (``draws`` [n, 2]:
         ``sampling.draw_inputs``)."""
         view = decode_view(self.cache, positions, seen)
-        hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False, hotswap_kv=view)
+        hidden = self._decoder(input_ids=ids, position_ids=self._rope(positions), use_cache=False, hotswap_kv=view)
         logits = self._head(hidden.last_hidden_state[:, -1])
         return logits, _outcome(logits, draws)
+
+    def _rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """The positions the model's rotary embedding sees: the spare position (padding, rows nobody decodes) as
+        the context's last, so no step looks longer than ``max_seq_len`` (dynamic and long-context RoPE variants
+        choose their frequencies from the longest position of the batch)."""
+        return positions.clamp(max=self.max_seq_len - 1)
 
     # ---- one forward over rows ------------------------------------------------------------------------
     def chunk_end(self, row: Row) -> int:

@@ -83,7 +83,7 @@ class Server:
         r.add_get("/health", self.healthz)  # vLLM's name for it: what load generators and routers written for vLLM call
         r.add_get("/readyz", self.readyz)
         r.add_get("/v1/models", self.models)
-        r.add_get("/v1/models/{model}", self.model)
+        r.add_get("/v1/models/{model:.+}", self.model)  # a Hub id has a slash: Qwen/Qwen2.5-1.5B-Instruct
         r.add_get("/version", self.version)
         r.add_post("/tokenize", self.completions.tokenize)
         r.add_post("/detokenize", self.completions.detokenize)

@@ -154,9 +154,11 @@ def test_cpp_wrapper_refuses_anything_else(value: object) -> None:
 
 
 @pytest.mark.parametrize(("value", "device", "chunk"), [("auto", "cuda", 2048), ("auto", "cpu", 128), (100, "cpu", 100),
-                                                        (None, "cpu", 4096), (10_000, "cuda", 4096)])  # fmt: skip
+                                                        (None, "cpu", 4096), (10_000, "cuda", 4096),
+                                                        (4088, "cpu", 4088), (4090, "cpu", 4096)])  # fmt: skip
 def test_prefill_chunk_tokens(value: object, device: str, chunk: int) -> None:
-    """auto: 2048 on CUDA, 128 elsewhere; null: a whole prompt at once; never more than the context."""
+    """auto: 2048 on CUDA, 128 elsewhere; null: a whole prompt at once; a chunk within 8 tokens of the context (or
+    past it) is none: the sliver it would split off is a shape warm-up does not run."""
     import torch
 
     from hotswap_core.runner import resolve_prefill_chunk

@@ -328,3 +328,20 @@ def test_a_client_gone_while_its_prompt_prefills_frees_its_row(engine: Any) -> N
     assert result.finish_reason == "cancelled" and result.token_ids == ()
     assert chunks == [0], "the other three chunks of its prompt should not have run"
     assert engine.table.free == engine.max_batch_size and engine.slots.pinned(0) == engine.slots.pinned(1) == 0
+
+
+def test_a_candidate_whose_activations_overflow_leaves_nothing_non_finite_in_the_cache(
+    engine: Any, swapper: Swapper, pool: dict[str, Path], demo_assets: Any, tmp_path: Path
+) -> None:
+    """Finite weights (1e19) whose products overflow: the candidate passes validation and fails its smoke prompt
+    (non_finite), whose rows wrote infinities and NaN into their rows of the cache. The next requests placed in those
+    rows attend to those positions, masked (their span is 64), and a masked NaN would still poison them (0 x NaN):
+    they must equal the eager PEFT model's greedy tokens."""
+    assert swapper.swap(pool["p_r4_sub"], version="clean").result in ("success", "unchanged")
+    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), pool["p_r4_sub"])
+    want = _greedy(model.eval(), engine.tokenizer.encode("ab", add_special_tokens=False), 6)
+    overflow = make_adapter(demo_assets.base, tmp_path / "overflow", r=8, alpha=8, targets=ALL, std=1e19)
+    record = swapper.swap(overflow, version="overflow")
+    assert (record.result, record.reason) == ("rejected", "non_finite"), record
+    got = [engine.submit(GenerationRequest("ab", _fixed(6))) for _ in range(4)]  # rows 0-3: the smoke rows' too
+    assert [list(f.result(60).token_ids) for f in got] == [want] * 4

@@ -19,6 +19,9 @@ def test_the_plan_runs_every_decode_bucket_with_short_and_long_prompts_and_every
     assert warmup_plan(BATCHES, 256, (64, 128, 256)) == [(b, n) for b in BATCHES for n in (2, 3, 60, 124, 252)]
     assert warmup_plan(BATCHES, 256) == [(b, n) for b in BATCHES for n in (2, 3, 252)]
     assert warmup_plan((1,), 6, (6,)) == [(1, 2), (1, 3)]  # tiny contexts: no duplicate lengths
+    # Prefilled 64 tokens at a time: rows of 66 and 65 tokens run a later chunk for one row and for two.
+    assert warmup_plan((1, 2), 256, (64, 128, 256), 64) == [(b, n) for b in (1, 2) for n in (2, 3, 60, 66, 124, 252)]
+    assert warmup_plan((1,), 256, (256,), 256) == [(1, 2), (1, 3), (1, 252)]  # no chunks: nothing more
 
 
 def test_no_estimate_before_a_compiling_step_is_done() -> None:

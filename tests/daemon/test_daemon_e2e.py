@@ -271,6 +271,9 @@ def test_tokenize_detokenize_models_retrieve_and_version_as_vllm_clients_call_th
     assert adapter.id == daemon.live() and (adapter.model_extra or {}).get("parent") == base
     with pytest.raises(openai.NotFoundError, match="no model 'no-such-model' here"):
         client.models.retrieve("no-such-model")
+    with pytest.raises(ClientError) as err:  # a Hub id has a slash: matched whole, answered as JSON
+        c.get("/v1/models/Qwen/Qwen2.5-1.5B-Instruct")
+    assert err.value.status == 404 and err.value.code == "model_not_found", err.value.body
 
     curl = ["curl", "-sS", "--unix-socket", str(daemon.sock), "http://localhost/version"]
     out = subprocess.run(curl, capture_output=True, text=True, timeout=30, check=True)
