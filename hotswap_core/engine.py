@@ -95,7 +95,7 @@ class Engine:
         """
         t0 = time.monotonic()
         self.runner.configure_dynamo()
-        plan = warmup_plan(self.buckets, self.max_seq_len, self.spans, self.runner.prefill_chunk)
+        plan = warmup_plan(self.buckets, self.max_seq_len, self.spans)
         dynamic = self.config.model.compile.dynamic is not False
         took: list[tuple[float, bool]] = []  # (seconds, compiled a graph) per step done
         params = SamplingParams(max_tokens=3, ignore_eos=True)  # decode runs whatever the model emits

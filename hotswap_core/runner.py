@@ -76,7 +76,8 @@ def resolve_prefill_chunk(choice: str | int | None, device: torch.device, max_se
     if choice is None:
         return max_seq_len
     chunk = (2048 if device.type == "cuda" else 128) if choice == "auto" else int(choice)
-    # A chunk within a few tokens of the context would split off a sliver no warm-up prompt covers: no chunks.
+    # A chunk within a few tokens of the context would split off a sliver that warm-up's longest prompt
+    # (max_seq_len - 4 tokens) does not: no chunks.
     return chunk if chunk <= max_seq_len - 8 else max_seq_len
 
 

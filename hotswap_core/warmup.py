@@ -22,16 +22,13 @@ class WarmupStep:
         return f"step {self.k}/{self.total}: batch {self.batch}, prompt length {self.length}"
 
 
-def warmup_plan(
-    buckets: Sequence[int], max_seq_len: int, spans: Sequence[int] = (), chunk: int | None = None
-) -> list[tuple[int, int]]:
-    """(batch size, prompt length) of every step: each decode bucket, with short and long prompts, a prompt whose
-    decode steps (3 tokens) attend to each of ``spans`` (``kv_cache.spans_for``: on CUDA, a graph each), and,
-    when prompts are prefilled in ``chunk``-token pieces, one just longer than a chunk (rows of ``chunk + 2`` and
-    ``chunk + 1`` tokens: a later chunk of one row and of several)."""
-    lengths = {2, 3, max(3, max_seq_len - 4)} | {max(3, s - 4) for s in spans}
-    if chunk is not None and chunk + 2 <= max_seq_len - 4:
-        lengths.add(chunk + 2)
+def warmup_plan(buckets: Sequence[int], max_seq_len: int, spans: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """(batch size, prompt length) of every step: each decode bucket, with short and long prompts, and a prompt
+    whose decode steps (3 tokens) attend to each of ``spans`` (``kv_cache.spans_for``: on CUDA, a graph each; the
+    short prompts' steps attend to the first). The longest prompt, ``max_seq_len - 4`` tokens, is longer than a
+    prefill chunk whenever prompts are chunked (``runner.resolve_prefill_chunk``): its rows run later chunks, for
+    one row and for several."""
+    lengths = {2, 3, max(3, max_seq_len - 4)} | {max(3, s - 4) for s in spans[1:]}
     return [(b, n) for b in buckets for n in sorted(lengths)]
 
 

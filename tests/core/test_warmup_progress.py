@@ -10,18 +10,18 @@ import sys
 from hotswap_core.warmup import WarmupStep, estimate, warmup_plan
 from hotswapd.demo import DemoAssets
 
-BATCHES, LENGTHS = (1, 2, 4, 8), (2, 3, 128, 252)
+BATCHES, LENGTHS = (1, 2, 4, 8), (2, 3, 124, 252)
 PLAN = [(b, n) for b in BATCHES for n in LENGTHS]
 
 
 def test_the_plan_runs_every_decode_bucket_with_short_and_long_prompts_and_every_span() -> None:
-    # Prompts of 60 and 124 tokens decode 3 tokens at positions 60-62 and 124-126: spans 64 and 128; 252: 256.
-    assert warmup_plan(BATCHES, 256, (64, 128, 256)) == [(b, n) for b in BATCHES for n in (2, 3, 60, 124, 252)]
+    # 2 and 3 tokens decode at positions 2-5: span 64; 124 at 124-126: span 128; 252 at 252-254: span 256.
+    assert warmup_plan(BATCHES, 256, (64, 128, 256)) == PLAN
+    assert warmup_plan(BATCHES, 4096, (64, 128, 256, 512, 1024, 2048, 4096)) == [
+        (b, n) for b in BATCHES for n in (2, 3, 124, 252, 508, 1020, 2044, 4092)
+    ]
     assert warmup_plan(BATCHES, 256) == [(b, n) for b in BATCHES for n in (2, 3, 252)]
     assert warmup_plan((1,), 6, (6,)) == [(1, 2), (1, 3)]  # tiny contexts: no duplicate lengths
-    # Prefilled 64 tokens at a time: rows of 66 and 65 tokens run a later chunk for one row and for two.
-    assert warmup_plan((1, 2), 256, (64, 128, 256), 64) == [(b, n) for b in (1, 2) for n in (2, 3, 60, 66, 124, 252)]
-    assert warmup_plan((1,), 256, (256,), 256) == [(1, 2), (1, 3), (1, 252)]  # no chunks: nothing more
 
 
 def test_no_estimate_before_a_compiling_step_is_done() -> None:

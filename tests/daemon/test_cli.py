@@ -255,11 +255,11 @@ def test_warm_up_progress_bar_on_a_terminal_and_log_lines_otherwise(
         os.close(leader)
     text = seen.decode(errors="replace")
     bars = [b for b in text.split("\r") if b.startswith("warming up [")]
-    # One redraw per warm-up step, in place: the demo config has 4 decode buckets x 6 prompt lengths (2, 3, 60
-    # and 124 for attention spans 64 and 128, 66 for a later prefill chunk, 252).
-    assert len(bars) == 24, text[-3000:]
-    assert bars[0].startswith("warming up [........................] step 1/24: batch 1, prompt length 2"), bars[0]
-    assert "step 24/24: batch 8, prompt length 252" in bars[-1] and "\x1b[K" in bars[-1]
+    # One redraw per warm-up step, in place: the demo config has 4 decode buckets x 4 prompt lengths (2 and 3,
+    # 124 for attention span 128, 252 for span 256 and later prefill chunks).
+    assert len(bars) == 16, text[-3000:]
+    assert bars[0].startswith("warming up [........................] step 1/16: batch 1, prompt length 2"), bars[0]
+    assert "step 16/16: batch 8, prompt length 252" in bars[-1] and "\x1b[K" in bars[-1]
     assert "warm-up step" not in text  # the bar replaces the per-step log lines
 
     # Not a terminal (systemd, a log file): one log line per step instead, with the same facts.
@@ -273,5 +273,5 @@ def test_warm_up_progress_bar_on_a_terminal_and_log_lines_otherwise(
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(60) == 0
     lines = [line for line in log.read_text().splitlines() if "warm-up step" in line]
-    assert len(lines) == 24 and "\r" not in log.read_text()
-    assert "warm-up step 24/24: batch 8, prompt length 252" in lines[-1] and "s so far" in lines[-1]
+    assert len(lines) == 16 and "\r" not in log.read_text()
+    assert "warm-up step 16/16: batch 8, prompt length 252" in lines[-1] and "s so far" in lines[-1]
