@@ -7,7 +7,8 @@ shape the server will see) -> ``start()`` (worker thread) -> ``submit()`` / ``be
 ``stop()``.
 
 Each step of the worker: run control operations (a swap's commit); admit waiting requests into free
-rows of the cache, each pinned to the slot that is live now; prefill them in one batch; one decode step
+rows of the cache, each pinned to the slot that is live now; prefill prompts, a chunk at a time within the
+step's budget of prompt tokens (``scheduler.plan_prefill``); one decode step
 over every running row, whatever version it runs; sample on the device; retire finished rows at once.
 A response never mixes versions because a row keeps its slot to its last token, and a slot that running
 rows use is never staged into (``SlotBank.pin``).
@@ -30,7 +31,7 @@ from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams, Scored
 from hotswap_core.runner import ModelRunner, StepOutput, resolve_device, resolve_dtype, resolve_mode
 from hotswap_core.sampling import GREEDY, logprobs, sample, uniforms
-from hotswap_core.scheduler import Group, Row, RowTable
+from hotswap_core.scheduler import Group, Row, RowTable, plan_prefill
 from hotswap_core.warmup import WarmupStep, estimate, warmup_plan
 
 log = logging.getLogger("hotswapd.engine")
@@ -64,6 +65,7 @@ class Engine:
         self.max_batch_size = config.model.max_batch_size
         self.max_seq_len = config.model.max_seq_len
         self.buckets, self.spans = self.runner.buckets, self.runner.spans
+        self.prefill_budget = self.runner.prefill_budget  # prompt tokens a step prefills (None: no limit)
         self.ready = threading.Event()
         self.last_loop_at = time.monotonic()  # heartbeat: proves the serving loop turns
         self.steps = 0  # decode steps run (tests count latency in steps, not seconds)
@@ -99,6 +101,27 @@ class Engine:
         dynamic = self.config.model.compile.dynamic is not False
         took: list[tuple[float, bool]] = []  # (seconds, compiled a graph) per step done
         params = SamplingParams(max_tokens=3, ignore_eos=True)  # decode runs whatever the model emits
+        # Without a step budget every row runs a chunk each step: a warm-up step's rows prefill their chunks in one
+        # forward (first chunks for one row and several, later chunks the same), as a budget's subsets later do.
+        budget, self.prefill_budget = self.prefill_budget, None
+        try:
+            self._warm(plan, params, dynamic, took, t0, progress)
+        finally:
+            self.prefill_budget = budget
+        self._graphs_after_warmup = compiled_graph_count()
+        elapsed = time.monotonic() - t0
+        log.info("warm-up done in %.1fs: %d graphs compiled", elapsed, self._graphs_after_warmup)
+        return elapsed
+
+    def _warm(
+        self,
+        plan: list[tuple[int, int]],
+        params: SamplingParams,
+        dynamic: bool,
+        took: list[tuple[float, bool]],
+        t0: float,
+        progress: Callable[[WarmupStep], None] | None,
+    ) -> None:
         for k, (bsz, length) in enumerate(plan, 1):
             if progress:
                 eta = estimate(plan[k - 1 :], took, {b for b, _ in plan[: k - 1]}, dynamic)
@@ -114,10 +137,6 @@ class Engine:
             self._run_until_idle()
             took.append((time.monotonic() - step_t0, compiled_graph_count() > graphs))
             log.debug("warm-up step %d/%d: %d graphs so far", k, len(plan), compiled_graph_count())
-        self._graphs_after_warmup = compiled_graph_count()
-        elapsed = time.monotonic() - t0
-        log.info("warm-up done in %.1fs: %d graphs compiled", elapsed, self._graphs_after_warmup)
-        return elapsed
 
     @property
     def recompilations(self) -> int:
@@ -268,14 +287,17 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self) -> None:
-        later = [r for r in self.table.active if r.prefilling]  # prompts longer than a chunk, admitted before
         with self._cv:
             groups = self.table.take_admissible()
-        admitted = [row for group in groups for row in self._admit(group)]
-        if admitted:  # their first chunks (whole prompts, when short)
-            self._prefill(admitted)
-        if later := [r for r in later if not self._cancelled_prefilling(r)]:  # the next chunk of each
-            self._prefill(later)
+        for group in groups:
+            self._admit(group)
+        if prefilling := [r for r in self.table.active if r.prefilling and not self._cancelled_prefilling(r)]:
+            chunks = plan_prefill(prefilling, self.runner.chunk_end, self.prefill_budget)
+            first = [c for c in chunks if c[0].filled == 0]  # whole prompts, when short
+            later = [c for c in chunks if c[0].filled > 0]  # they read their rows' cached positions
+            for forward in (first, later):
+                if forward:
+                    self._prefill(forward)
         if decoding := [r for r in self.table.active if not r.prefilling]:
             self._run(decoding, self._decode)
 
@@ -287,16 +309,16 @@ class Engine:
         self._retire(row)
         return True
 
-    def _prefill(self, rows: list[Row]) -> None:
-        """The next chunk of each row's prompt (``runner.prefill``); the rows whose prompt is then whole get their
-        first token, scored and pushed as a decode step's are. A failure fails these rows alone."""
-        ends = [self.runner.chunk_end(r) for r in rows]
+    def _prefill(self, chunks: list[tuple[Row, int]]) -> None:
+        """The next chunk of each row's prompt, to where it ends (``runner.prefill``); the rows whose prompt is then
+        whole get their first token, scored and pushed as a decode step's are. A failure fails these rows alone."""
+        rows, ends = [r for r, _ in chunks], [end for _, end in chunks]
         whole = [i for i, (r, end) in enumerate(zip(rows, ends, strict=True)) if end == len(r.state.prompt_ids)]
         try:
             numbers = [GREEDY] * len(rows)  # a row draws (from its own stream) only when its prompt is whole
             for i, u in zip(whole, uniforms([rows[i].state for i in whole]), strict=True):
                 numbers[i] = u
-            out = self.runner.prefill(rows, numbers)
+            out = self.runner.prefill(rows, ends, numbers)
             failed = self._prefilled(rows, out, ends)
             for i, row in enumerate(rows):
                 row.finite = row.finite and out.finite[i]

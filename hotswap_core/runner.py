@@ -72,7 +72,8 @@ def use_compile_cache(path: str) -> None:
 
 
 def resolve_prefill_chunk(choice: str | int | None, device: torch.device, max_seq_len: int) -> int:
-    """``model.prefill_chunk_tokens``: ``auto`` is 2048 on CUDA, 128 elsewhere; None never splits a prompt."""
+    """``model.prefill_chunk_tokens``: ``auto`` is 2048 on CUDA, 128 elsewhere; None never splits a prompt
+    (``max_seq_len``: then nothing limits a step's prompt tokens either, see ``Runner.prefill_budget``)."""
     if choice is None:
         return max_seq_len
     chunk = (2048 if device.type == "cuda" else 128) if choice == "auto" else int(choice)
@@ -144,8 +145,10 @@ class ModelRunner:
         self.max_seq_len = config.model.max_seq_len
         self.buckets = buckets_for(self.max_batch_size)  # decode batch sizes, a graph each
         self.spans = spans_for(self.max_seq_len)  # the positions a decode step attends to
-        # Prompt tokens a row prefills per step: a longer prompt takes several, decode steps in between.
+        # Prompt tokens a row prefills per step: a longer prompt takes several, decode steps in between. They are
+        # also the budget of a step, all rows together (scheduler.plan_prefill); a prompt never split, none.
         self.prefill_chunk = resolve_prefill_chunk(config.model.prefill_chunk_tokens, self.device, self.max_seq_len)
+        self.prefill_budget = self.prefill_chunk if self.prefill_chunk < self.max_seq_len else None
         self.sampling_defaults: dict[str, float | int] = {}  # from generation_config.json, set by load()
 
     def load(self) -> None:
@@ -295,11 +298,11 @@ class ModelRunner:
         """Where the next chunk of ``row``'s prompt ends (it starts at ``row.filled``)."""
         return min(len(row.state.prompt_ids), row.filled + self.prefill_chunk)
 
-    def prefill(self, rows: list[Row], numbers: list[float]) -> StepOutput:
-        """The next chunk of each row's prompt (``row.filled`` to ``chunk_end``) into its cache row, with this
-        step's ``numbers`` (``sampling.uniforms``; the next token is drawn at each chunk's last position, and
-        read only after a prompt's last chunk). Rows are all first chunks or all later ones."""
-        chunks = [(r.filled, self.chunk_end(r)) for r in rows]
+    def prefill(self, rows: list[Row], ends: list[int], numbers: list[float]) -> StepOutput:
+        """The next chunk of each row's prompt (``row.filled`` to its ``ends``, ``scheduler.plan_prefill``'s) into
+        its cache row, with this step's ``numbers`` (``sampling.uniforms``; the next token is drawn at each chunk's
+        last position, and read only after a prompt's last chunk). Rows are all first chunks or all later ones."""
+        chunks = [(r.filled, end) for r, end in zip(rows, ends, strict=True)]
         # At least 2 positions: dynamo specialises size-1 dims, and a 1-token prefill would be one more graph.
         bsz, length = len(rows), max(2, *(end - start for start, end in chunks))
         ids = torch.full((bsz, length), self.pad_id, dtype=torch.long)

@@ -2,15 +2,17 @@
 
 Requests wait in groups (the prompts of one HTTP request, admitted together so they run on one version).
 Each engine step admits waiting groups into free rows (lowest free row first, so decode batches stay
-small), prefills their prompts a chunk at a time (a row decodes once its whole prompt is in the cache), and a
-row is retired the step its request finishes: its future resolves, its stream ends and the
-row is free for the next step. A row is pinned to the adapter slot that was live when it was admitted
-(or to the standby slot, for a swap's smoke prompts) and keeps it to its last token.
+small), prefills prompts a chunk at a time within the step's budget of prompt tokens (``plan_prefill``; a row
+decodes once its whole prompt is in the cache), and a row is retired the step its request finishes: its future
+resolves, its stream ends and the row is free for the next step. A row is pinned to the adapter slot that was
+live when it was admitted (or to the standby slot, for a swap's smoke prompts) and keeps it to its last token.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +36,8 @@ class Row:
     logits: torch.Tensor | None = None
     filled: int = 0  # prompt tokens in the cache: a prompt longer than a chunk is prefilled over several steps
     scored: list[Scored] = field(default_factory=list)  # its prompt's log-probabilities so far (when asked)
+    seq: int = 0  # admission order (``RowTable.place``)
+    waited: int = 0  # steps in a row its prompt was prefilling and got no chunk (``plan_prefill``)
 
     @property
     def position(self) -> int:
@@ -66,6 +70,7 @@ class RowTable:
         self.rows: list[Row | None] = [None] * size
         self.waiting: deque[Group] = deque()
         self.queued = 0  # requests waiting
+        self._admitted = itertools.count()
 
     @property
     def free(self) -> int:
@@ -89,6 +94,7 @@ class RowTable:
     def place(self, row: Row) -> None:
         """Put ``row`` in the lowest free row of the cache (admission made sure there is one)."""
         row.index = next(i for i, r in enumerate(self.rows) if r is None)
+        row.seq = next(self._admitted)
         self.rows[row.index] = row
 
     def retire(self, row: Row) -> None:
@@ -103,6 +109,38 @@ class RowTable:
         """Positions a decode step attends to: the smallest span holding every running row's position."""
         furthest = max((r.position for r in self.rows if r is not None and not r.prefilling), default=0) + 1
         return next(s for s in spans if s >= furthest)
+
+
+def plan_prefill(rows: list[Row], chunk_end: Callable[[Row], int], budget: int | None) -> list[tuple[Row, int]]:
+    """The prompt chunks one step prefills: (row, where its chunk ends), in admission order, out of ``rows`` (those
+    still prefilling). A row's next chunk is ``row.filled`` to ``chunk_end(row)``: chunk boundaries depend on the
+    prompt alone, never on the rows beside it. ``budget``: the prompt tokens one step may prefill, all rows together
+    (``model.prefill_chunk_tokens``, which no chunk exceeds; None: every row's chunk, every step). Within it:
+
+    - the oldest prompt still prefilling goes first when it got no chunk last step, so it gets one at least every
+      other step (a prompt's prefill is bounded whatever arrives after it: 2 steps a chunk, once the prompts admitted
+      before it are in);
+    - then the smallest chunks first (a short prompt admitted while a long one prefills is whole in the step it is
+      admitted, or the next), then in admission order; a chunk that does not fit waits for a later step.
+
+    Updates each row's ``waited``."""
+    rows = sorted(rows, key=lambda r: r.seq)
+    if budget is None:
+        chosen = set(rows)
+    else:
+        order = sorted(rows, key=lambda r: (chunk_end(r) - r.filled, r.seq))
+        if rows and rows[0].waited:
+            order.remove(rows[0])
+            order.insert(0, rows[0])
+        chosen, left = set(), budget
+        for row in order:
+            size = chunk_end(row) - row.filled
+            if size <= left or not chosen:  # the first always goes (a budget below a chunk would stall)
+                chosen.add(row)
+                left -= size
+    for row in rows:
+        row.waited = 0 if row in chosen else row.waited + 1
+    return [(row, chunk_end(row)) for row in rows if row in chosen]
 
 
 def buckets_for(max_rows: int) -> tuple[int, ...]:

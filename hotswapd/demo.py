@@ -66,7 +66,7 @@ model:
   compile: {enabled: true, mode: auto, dynamic: true, cache_dir: cache/inductor}
   max_batch_size: 8
   max_seq_len: 256
-  prefill_chunk_tokens: 64  # a longer prompt is prefilled over several steps, the running rows decoding between
+  prefill_chunk_tokens: 64  # prompt tokens a step prefills: a longer prompt takes several, the running rows decoding
 adapter:
   target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
   target_rank: 8

@@ -5,12 +5,14 @@
   to every position, so a step early in its context costs the same whatever ``max_seq_len`` allows.
 - ``chunks``: what a long prompt costs the rows already generating. Two rows decode while 4 prompts of 480
   tokens arrive at once; with each ``model.prefill_chunk_tokens`` given (0: a prompt in one forward), the
-  longest gap between two decode steps of the running rows meanwhile, and the long prompts' time to first token.
+  longest gap between two decode steps of the running rows meanwhile, and the long prompts' time to first token
+  (median, first, last). ``--per-row`` adds, for each chunk size, an engine without the step's budget (every
+  prompt a chunk every step, as before the budget: ``Engine.prefill_budget`` None).
 
 Run from a checkout::
 
     python -m hotswapd.bench.long_context spans --values 512 4096 [--json out.json]
-    python -m hotswapd.bench.long_context chunks --values 0 128 [--json out.json]
+    python -m hotswapd.bench.long_context chunks --values 0 128 [--per-row] [--json out.json]
 
 It builds the demo assets and the geometry model in a temporary folder (or ``--work``) and compiles one engine
 per value (about a minute each on 2 cores, cold).
@@ -103,10 +105,13 @@ def _chunk_round(engine: Any) -> dict[str, float]:
     finally:
         engine.on_batch = None
     window = [b - a for a, b in itertools.pairwise(stamps) if b > arrived and a < first]
+    ttfts = sorted(r.time_to_first_token_s for r in results)
     return {
         "max_gap_s": max(window),
         "median_gap_s": statistics.median(window),
-        "ttft_s": statistics.median(r.time_to_first_token_s for r in results),
+        "ttft_s": statistics.median(ttfts),
+        "first_ttft_s": ttfts[0],
+        "last_ttft_s": ttfts[-1],
     }
 
 
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", choices=["spans", "chunks"])
     parser.add_argument("--values", type=int, nargs="+", help="spans: max_seq_len values (default 512 4096); "
                         "chunks: prefill_chunk_tokens values, 0 for none (default 0 128)")  # fmt: skip
+    parser.add_argument("--per-row", action="store_true", help="chunks: also each chunk size without the step's "
+                        "budget of prompt tokens (every prompt a chunk every step)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--work", type=Path, help="where to build the models (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -131,14 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         (work / "adapters").mkdir(parents=True, exist_ok=True)
         model = build_geometry_model(work / MODEL_NAME, build_demo(work / "demo").base)
         engines = {
-            v: _engine(model, work, f"{args.experiment}-{v}", v if spans else 512, None if spans or not v else v)
+            str(v): _engine(model, work, f"{args.experiment}-{v}", v if spans else 512, None if spans or not v else v)
             for v in values
         }
+        for v in values if args.per_row and not spans else []:
+            if v:
+                engines[f"{v}/row"] = engine = _engine(model, work, f"{args.experiment}-{v}-row", 512, v)
+                engine.prefill_budget = None
         try:
             for engine in engines.values():  # compile and warm each, outside the timed rounds
                 turn(engine)
                 turn(engine)
-            rounds: dict[int, list[dict[str, float]]] = {v: [] for v in engines}
+            rounds: dict[str, list[dict[str, float]]] = {v: [] for v in engines}
             for _ in range(args.rounds):
                 for v, engine in engines.items():
                     rounds[v].append(turn(engine))
@@ -149,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {"experiment": args.experiment, "model": MODEL_NAME, "rounds": args.rounds, name: {}}
     for v, got in rounds.items():
         medians = {key: statistics.median(r[key] for r in got) * 1e3 for key in got[0]}
-        figures[name][str(v)] = {f"{key[:-2]}_ms": ms for key, ms in medians.items()}
+        figures[name][v] = {f"{key[:-2]}_ms": ms for key, ms in medians.items()}
         shown = ", ".join(f"{key[:-2]} {ms:.1f} ms" for key, ms in medians.items())
-        print(f"{name} {v:>6}: {shown} (medians of {len(got)} rounds)")
+        print(f"{name} {v:>8}: {shown} (medians of {len(got)} rounds)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0

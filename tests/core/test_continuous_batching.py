@@ -276,11 +276,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(
     events: list[tuple[str, int, int]] = []  # ("prefill", chunk start, chunk end) / ("decode", rows, 0)
     prefill, decode = engine.runner.prefill, engine.runner.decode
 
-    def spy_prefill(rows: Any, numbers: Any) -> Any:
-        for r in rows:
+    def spy_prefill(rows: Any, ends: list[int], numbers: Any) -> Any:
+        for r, end in zip(rows, ends, strict=True):
             if len(r.state.prompt_ids) == 250:
-                events.append(("prefill", r.filled, engine.runner.chunk_end(r)))
-        return prefill(rows, numbers)
+                events.append(("prefill", r.filled, end))
+        return prefill(rows, ends, numbers)
 
     def spy_decode(rows: Any, n: int, span: int, numbers: Any) -> Any:
         events.append(("decode", len(rows), 0))
@@ -307,14 +307,79 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(
     assert engine.recompilations == 0
 
 
+def test_a_step_prefills_at_most_a_chunk_of_prompt_tokens_first_come_first_served(
+    engine: Any, swapper: Swapper, pool: dict[str, Path], demo_assets: Any
+) -> None:
+    """Three 150-token prompts arrive together while a generation runs, then a 5-token one: no step prefills more
+    than 64 prompt tokens (the demo's ``prefill_chunk_tokens``) in all, where each prompt's own chunks would make
+    192; chunk boundaries are the prompt's own (0-64-128-150); the prompts are prefilled first come, first served
+    (the first is whole 3 or 4 steps after it arrived; without a budget all three would be, together, after 3);
+    the short prompt, admitted while they prefill, is whole within 2 steps; the running row decodes after every
+    step; every text equals the eager PEFT model's greedy tokens, under ``fail_on_recompile``."""
+    assert engine.prefill_budget == 64
+    assert swapper.swap(pool["p_r8"], version="budget").result in ("success", "unchanged")
+    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), pool["p_r8"])
+    prompts = [(f"{k} the quick brown fox jumps over the lazy dog. " * 4)[:150] for k in range(3)] + ["ab cd"]
+    ids = [engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    assert [len(i) for i in ids] == [150, 150, 150, 5]
+    want = [_greedy(model.eval(), i, 4) for i in ids]
+    steps: list[list[tuple[int, int, int]]] = [[]]  # per step: (prompt, chunk start, chunk end)
+    firsts: dict[int, int] = {}  # prompt -> the step its prompt was whole
+    prefill, decode = engine.runner.prefill, engine.runner.decode
+    by_ids = {tuple(i): k for k, i in enumerate(ids)}
+
+    def spy_prefill(rows: Any, ends: list[int], numbers: Any) -> Any:
+        for r, end in zip(rows, ends, strict=True):
+            if (k := by_ids.get(tuple(r.state.prompt_ids))) is not None:
+                steps[-1].append((k, r.filled, end))
+                if end == len(r.state.prompt_ids):
+                    firsts[k] = len(steps) - 1
+        return prefill(rows, ends, numbers)
+
+    chunked = threading.Event()  # a step with a chunk of the long prompts has ended
+
+    def spy_decode(rows: Any, n: int, span: int, numbers: Any) -> Any:
+        if steps[-1]:
+            chunked.set()
+        steps.append([])
+        return decode(rows, n, span, numbers)
+
+    started, on_text = _after_tokens(3)
+    running = engine.submit(GenerationRequest("Hello =>", _fixed(200), on_text=on_text))
+    assert started.wait(60)
+    engine.runner.prefill, engine.runner.decode = spy_prefill, spy_decode
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        longs = engine.submit_group([GenerationRequest(p, _fixed(4)) for p in prompts[:3]])
+        assert chunked.wait(60)
+        arrived = len(steps) - 1
+        short = engine.submit(GenerationRequest(prompts[3], _fixed(4)))
+        got = [f.result(120) for f in [*longs, short]]
+    finally:
+        torch.compiler.set_stance("default")
+        engine.runner.prefill, engine.runner.decode = prefill, decode
+    assert [list(g.token_ids) for g in got] == want
+    chunks = [c for step in steps for c in step]
+    for k in range(3):
+        assert [(a, b) for j, a, b in chunks if j == k] == [(0, 64), (64, 128), (128, 150)], steps
+    assert all(sum(b - a for _, a, b in step) <= 64 for step in steps), steps
+    long_steps = [i for i, step in enumerate(steps) if any(j < 3 for j, _, _ in step)]
+    # Its 3 chunks in 3 steps in a row (4 when the short prompt took the second's turn); the others waited.
+    assert firsts[0] - long_steps[0] <= 3, steps
+    assert firsts[0] < firsts[1] < firsts[2], firsts
+    assert firsts[3] - arrived <= 2, (arrived, steps)
+    assert not running.done() and running.result(120).completion_tokens == 200
+    assert engine.recompilations == 0
+
+
 def test_a_client_gone_while_its_prompt_prefills_frees_its_row(engine: Any) -> None:
     """Cancelled between two chunks of its prompt: it ends there as cancelled, its row and slot pin are free."""
     prefill = engine.runner.prefill
     gone = GenerationRequest("q" * 200, _fixed(4))
     chunks: list[int] = []
 
-    def spy(rows: Any, numbers: Any) -> Any:
-        out = prefill(rows, numbers)
+    def spy(rows: Any, ends: list[int], numbers: Any) -> Any:
+        out = prefill(rows, ends, numbers)
         if any(r.state.request is gone for r in rows):
             chunks.append(len(chunks))
             gone.cancelled.set()  # after its first chunk
