@@ -52,11 +52,11 @@ class ModelConfig:
     # Intra-op threads of the CPU kernels: auto (torch's count: one per physical core, or OMP_NUM_THREADS) | a
     # number (1: a sidecar that leaves the other cores to its neighbours). See cpu_threads.py.
     cpu_threads: Literal["auto"] | int = "auto"
-    # Prompt tokens one engine step prefills, all rows together (vLLM's max_num_batched_tokens, less the decode
-    # rows): a longer prompt is prefilled a chunk of this many a step, between which the running rows decode, so no
-    # prompt, and no number of prompts arriving at once, stalls the streams for longer than one such chunk's
-    # forward (scheduler.plan_prefill). auto: 2048 on CUDA, 128 on CPU; null: every prompt whole in the step it is
-    # admitted, however long and however many.
+    # Prompt positions one engine step prefills, all rows together, padding included (vLLM's
+    # max_num_batched_tokens, less the decode rows): a longer prompt is prefilled a chunk of this many a step, between
+    # which the running rows decode, so no prompt, and no number of prompts arriving at once, stalls the streams for
+    # longer than one such chunk's forward (scheduler.plan_prefill). auto: 2048 on CUDA, 128 on CPU; null: every
+    # prompt whole in the step it is admitted, however long and however many.
     prefill_chunk_tokens: Literal["auto"] | int | None = "auto"
 
 

@@ -22,6 +22,7 @@ transformers passes down to every attention call. Grouped-query attention goes t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,10 @@ class KVCache:
         # max_seq_len, a contiguity case, which contradicts the span's declared range: a graph per span).
         shape = (rows, kv_heads, max_seq_len + 1, head_dim)
         self.rows, self.max_seq_len = rows, max_seq_len
+        # What a written K/V value is clamped to: a product of a key this large with any query a sound row makes
+        # (below it too) stays finite over head_dim terms, in float32 (what attention scores are computed in, for
+        # float16 caches as well: whose own range is smaller, and left as it is).
+        self.bound = min(torch.finfo(dtype).max, math.sqrt(torch.finfo(torch.float32).max / head_dim))
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         for t in (*self.k, *self.v):
@@ -130,11 +135,14 @@ def static_cache_attention(
     view, layer = hotswap_kv, int(module.layer_idx)  # type: ignore[arg-type]  # set by every attention module
     k_cache, v_cache = view.cache.k[layer], view.cache.v[layer]
     where = (view.rows[:, None], slice(None), view.positions)  # -> [B, q, kv_heads, head_dim]
-    # Never a NaN or an infinity in the cache: attention reads a row's positions past its own too, masked, and a
-    # masked NaN still poisons the output (0 x NaN). A row whose activations overflowed (a candidate failing its
-    # smoke prompt, say) would otherwise leave them for the next request placed in that row.
-    k_cache[where] = torch.nan_to_num(key.transpose(1, 2), nan=0.0, posinf=0.0, neginf=0.0)
-    v_cache[where] = torch.nan_to_num(value.transpose(1, 2), nan=0.0, posinf=0.0, neginf=0.0)
+    # Never a NaN, an infinity or a value whose scores overflow in the cache: attention reads a row's positions past
+    # its own too, masked, and a masked NaN still poisons the output (0 x NaN), as does a masked score that
+    # overflowed (inf - inf, where the mask is added). A row whose activations blew up (a candidate failing its smoke
+    # prompt, say) would otherwise leave them for the next request placed in that row. A sound row's values are
+    # far inside the bound (view.cache.bound): it changes nothing for them.
+    bound = view.cache.bound
+    k_cache[where] = torch.nan_to_num(key.transpose(1, 2), nan=0.0, posinf=0.0, neginf=0.0).clamp(-bound, bound)
+    v_cache[where] = torch.nan_to_num(value.transpose(1, 2), nan=0.0, posinf=0.0, neginf=0.0).clamp(-bound, bound)
     gqa = query.shape[1] != key.shape[1]
     if view.decode_rows is None and view.past is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)

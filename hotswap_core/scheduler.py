@@ -114,8 +114,9 @@ class RowTable:
 def plan_prefill(rows: list[Row], chunk_end: Callable[[Row], int], budget: int | None) -> list[tuple[Row, int]]:
     """The prompt chunks one step prefills: (row, where its chunk ends), in admission order, out of ``rows`` (those
     still prefilling). A row's next chunk is ``row.filled`` to ``chunk_end(row)``: chunk boundaries depend on the
-    prompt alone, never on the rows beside it. ``budget``: the prompt tokens one step may prefill, all rows together
-    (``model.prefill_chunk_tokens``, which no chunk exceeds; None: every row's chunk, every step). Within it:
+    prompt alone, never on the rows beside it. ``budget``: the positions one step may prefill, all rows together and
+    padding included (``prefill_cost``; ``model.prefill_chunk_tokens``, which no chunk exceeds; None: every row's
+    chunk, every step). Within it:
 
     - the oldest prompt still prefilling goes first when it got no chunk last step, so it gets one at least every
       other step (a prompt's prefill is bounded whatever arrives after it: 2 steps a chunk, once the prompts admitted
@@ -126,21 +127,30 @@ def plan_prefill(rows: list[Row], chunk_end: Callable[[Row], int], budget: int |
     Updates each row's ``waited``."""
     rows = sorted(rows, key=lambda r: r.seq)
     if budget is None:
-        chosen = set(rows)
+        chosen = rows
     else:
         order = sorted(rows, key=lambda r: (chunk_end(r) - r.filled, r.seq))
         if rows and rows[0].waited:
             order.remove(rows[0])
             order.insert(0, rows[0])
-        chosen, left = set(), budget
+        chosen = []
         for row in order:
-            size = chunk_end(row) - row.filled
-            if size <= left or not chosen:  # the first always goes (a budget below a chunk would stall)
-                chosen.add(row)
-                left -= size
+            # The first always goes (a budget below a chunk would stall).
+            if not chosen or prefill_cost([(r, chunk_end(r)) for r in (*chosen, row)]) <= budget:
+                chosen.append(row)
     for row in rows:
         row.waited = 0 if row in chosen else row.waited + 1
     return [(row, chunk_end(row)) for row in rows if row in chosen]
+
+
+def prefill_cost(chunks: list[tuple[Row, int]]) -> int:
+    """Positions the step's prefill forwards cover for ``chunks`` (row, chunk end): first chunks in one right-padded
+    batch, later chunks in another, each as wide as its longest chunk."""
+    cost = 0
+    for later in (False, True):
+        sizes = [end - row.filled for row, end in chunks if (row.filled > 0) == later]
+        cost += len(sizes) * max(sizes, default=0)
+    return cost
 
 
 def buckets_for(max_rows: int) -> tuple[int, ...]:

@@ -1,8 +1,8 @@
 """The step's prompt-token budget (``scheduler.plan_prefill``), step by step over synthetic rows: no model.
 
-What it must hold whatever arrives: no step prefills more than the budget; a chunk's boundaries are its prompt's
-own; the oldest prompt still prefilling gets a chunk at least every other step (its prefill is bounded under a
-steady stream of arrivals); every prompt is eventually whole.
+What it must hold whatever arrives: no step's forwards cover more positions than the budget (padding included); a
+chunk's boundaries are its prompt's own; the oldest prompt still prefilling gets a chunk at least every other step
+(its prefill is bounded under a steady stream of arrivals); every prompt is eventually whole.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hotswap_core.scheduler import Row, RowTable, plan_prefill
+from hotswap_core.scheduler import Row, RowTable, plan_prefill, prefill_cost
 
 CHUNK = 64
 
@@ -35,7 +35,7 @@ def _step(table: RowTable, budget: int | None) -> list[tuple[Row, int]]:
     assert plan or not prefilling, "a step with prompts to prefill must prefill something"
     assert [r.seq for r, _ in plan] == sorted(r.seq for r, _ in plan), "chunks come in admission order"
     if budget is not None:
-        assert sum(end - r.filled for r, end in plan) <= budget
+        assert prefill_cost(plan) <= budget, "a step's forwards cover more positions than its budget"
     for row, end in plan:
         assert end == _end(row) and row.filled % CHUNK == 0, "a chunk starts and ends where its prompt's own do"
         row.filled = end
@@ -79,6 +79,15 @@ def test_a_short_prompt_is_whole_the_step_it_arrives_beside_a_long_one_with_its_
     short = _row(table, 10)
     assert [r for r, _ in _step(table, CHUNK)] == [short]  # the smallest chunk first; the long one's does not fit
     assert [r for r, _ in _step(table, CHUNK)] == [long]  # it got none last step: it goes first
+
+
+def test_padding_counts_toward_the_budget() -> None:
+    """First chunks of 5 and 50 tokens run in one batch 50 wide: 100 positions, over a budget of 64. The 5-token
+    one goes alone; the other the step after."""
+    table = RowTable(8)
+    small, wide = _row(table, 5), _row(table, 50)
+    assert [r for r, _ in _step(table, CHUNK)] == [small]
+    assert [r for r, _ in _step(table, CHUNK)] == [wide]
 
 
 @pytest.mark.parametrize("seed", range(5))
