@@ -31,7 +31,7 @@ from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams, Scored
 from hotswap_core.runner import ModelRunner, StepOutput, resolve_device, resolve_dtype, resolve_mode
 from hotswap_core.sampling import GREEDY, logprobs, sample, uniforms
-from hotswap_core.scheduler import Group, Row, RowTable, plan_prefill
+from hotswap_core.scheduler import Group, Row, RowTable, plan_prefill, prefill_forwards
 from hotswap_core.warmup import WarmupStep, estimate, warmup_plan
 
 log = logging.getLogger("hotswapd.engine")
@@ -105,38 +105,26 @@ class Engine:
         # forward (first chunks for one row and several, later chunks the same), as a budget's subsets later do.
         budget, self.prefill_budget = self.prefill_budget, None
         try:
-            self._warm(plan, params, dynamic, took, t0, progress)
+            for k, (bsz, length) in enumerate(plan, 1):
+                if progress:
+                    eta = estimate(plan[k - 1 :], took, {b for b, _ in plan[: k - 1]}, dynamic)
+                    progress(WarmupStep(k, len(plan), bsz, length, time.monotonic() - t0, eta))
+                step_t0, graphs = time.monotonic(), compiled_graph_count()
+                # Rows of different lengths (padding is part of what is traced), on alternating slots.
+                for slot in (0, 1):
+                    lengths = [max(1, length - i) for i in range(slot, bsz, 2)]
+                    if lengths:
+                        requests = [GenerationRequest([self.pad_id + 1] * n, params) for n in lengths]
+                        self._enqueue(Group(requests, slot=slot), bounded=False)
+                self._run_until_idle()
+                took.append((time.monotonic() - step_t0, compiled_graph_count() > graphs))
+                log.debug("warm-up step %d/%d: %d graphs so far", k, len(plan), compiled_graph_count())
         finally:
             self.prefill_budget = budget
         self._graphs_after_warmup = compiled_graph_count()
         elapsed = time.monotonic() - t0
         log.info("warm-up done in %.1fs: %d graphs compiled", elapsed, self._graphs_after_warmup)
         return elapsed
-
-    def _warm(
-        self,
-        plan: list[tuple[int, int]],
-        params: SamplingParams,
-        dynamic: bool,
-        took: list[tuple[float, bool]],
-        t0: float,
-        progress: Callable[[WarmupStep], None] | None,
-    ) -> None:
-        for k, (bsz, length) in enumerate(plan, 1):
-            if progress:
-                eta = estimate(plan[k - 1 :], took, {b for b, _ in plan[: k - 1]}, dynamic)
-                progress(WarmupStep(k, len(plan), bsz, length, time.monotonic() - t0, eta))
-            step_t0, graphs = time.monotonic(), compiled_graph_count()
-            # Rows of different lengths (padding is part of what is traced), on alternating slots.
-            for slot in (0, 1):
-                requests = [
-                    GenerationRequest([self.pad_id + 1] * max(1, length - i), params) for i in range(slot, bsz, 2)
-                ]
-                if requests:
-                    self._enqueue(Group(requests, slot=slot), bounded=False)
-            self._run_until_idle()
-            took.append((time.monotonic() - step_t0, compiled_graph_count() > graphs))
-            log.debug("warm-up step %d/%d: %d graphs so far", k, len(plan), compiled_graph_count())
 
     @property
     def recompilations(self) -> int:
@@ -292,10 +280,7 @@ class Engine:
         for group in groups:
             self._admit(group)
         if prefilling := [r for r in self.table.active if r.prefilling and not self._cancelled_prefilling(r)]:
-            chunks = plan_prefill(prefilling, self.runner.chunk_end, self.prefill_budget)
-            first = [c for c in chunks if c[0].filled == 0]  # whole prompts, when short
-            later = [c for c in chunks if c[0].filled > 0]  # they read their rows' cached positions
-            for forward in (first, later):
+            for forward in prefill_forwards(plan_prefill(prefilling, self.runner.chunk_end, self.prefill_budget)):
                 if forward:
                     self._prefill(forward)
         if decoding := [r for r in self.table.active if not r.prefilling]:

@@ -126,30 +126,36 @@ def plan_prefill(rows: list[Row], chunk_end: Callable[[Row], int], budget: int |
 
     Updates each row's ``waited``."""
     rows = sorted(rows, key=lambda r: r.seq)
+    ends = {row: chunk_end(row) for row in rows}
     if budget is None:
         chosen = rows
     else:
-        order = sorted(rows, key=lambda r: (chunk_end(r) - r.filled, r.seq))
+        order = sorted(rows, key=lambda r: (ends[r] - r.filled, r.seq))
         if rows and rows[0].waited:
             order.remove(rows[0])
             order.insert(0, rows[0])
         chosen = []
         for row in order:
             # The first always goes (a budget below a chunk would stall).
-            if not chosen or prefill_cost([(r, chunk_end(r)) for r in (*chosen, row)]) <= budget:
+            if not chosen or prefill_cost([(r, ends[r]) for r in (*chosen, row)]) <= budget:
                 chosen.append(row)
     for row in rows:
         row.waited = 0 if row in chosen else row.waited + 1
-    return [(row, chunk_end(row)) for row in rows if row in chosen]
+    return [(row, ends[row]) for row in rows if row in chosen]
+
+
+def prefill_forwards(chunks: list[tuple[Row, int]]) -> tuple[list[tuple[Row, int]], list[tuple[Row, int]]]:
+    """``chunks`` (row, chunk end) as the step runs them: first chunks (causal over their own keys: whole prompts,
+    when short) in one right-padded batch, and later chunks (which read their rows' cached positions) in another."""
+    return [c for c in chunks if c[0].filled == 0], [c for c in chunks if c[0].filled > 0]
 
 
 def prefill_cost(chunks: list[tuple[Row, int]]) -> int:
-    """Positions the step's prefill forwards cover for ``chunks`` (row, chunk end): first chunks in one right-padded
-    batch, later chunks in another, each as wide as its longest chunk."""
+    """Positions the step's prefill forwards (``prefill_forwards``) cover for ``chunks``: each as wide as its longest
+    chunk."""
     cost = 0
-    for later in (False, True):
-        sizes = [end - row.filled for row, end in chunks if (row.filled > 0) == later]
-        cost += len(sizes) * max(sizes, default=0)
+    for forward in prefill_forwards(chunks):
+        cost += len(forward) * max((end - row.filled for row, end in forward), default=0)
     return cost
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,23 @@ def _after_tokens(n: int) -> tuple[threading.Event, Any]:
             seen.set()
 
     return seen, on_text
+
+
+@contextmanager
+def _beside_a_running_row(engine: Any, prefill: Any, decode: Any) -> Iterator[Any]:
+    """A 200-token generation running (3 tokens in), then ``prefill`` and ``decode`` in place of the runner's, under
+    ``fail_on_recompile``; yields the running request's future. The runner and the stance are restored after."""
+    started, on_text = _after_tokens(3)
+    running = engine.submit(GenerationRequest("Hello =>", _fixed(200), on_text=on_text))
+    assert started.wait(60)
+    saved = engine.runner.prefill, engine.runner.decode
+    engine.runner.prefill, engine.runner.decode = prefill, decode
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        yield running
+    finally:
+        torch.compiler.set_stance("default")
+        engine.runner.prefill, engine.runner.decode = saved
 
 
 def test_a_short_request_gets_its_tokens_within_a_few_steps_of_long_generations(engine: Any) -> None:
@@ -286,16 +305,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(
         events.append(("decode", len(rows), 0))
         return decode(rows, n, span, numbers)
 
-    started, on_text = _after_tokens(3)
-    running = engine.submit(GenerationRequest("Hello =>", _fixed(200), on_text=on_text))
-    assert started.wait(60)
-    engine.runner.prefill, engine.runner.decode = spy_prefill, spy_decode
-    torch.compiler.set_stance("fail_on_recompile")
-    try:
+    with _beside_a_running_row(engine, spy_prefill, spy_decode) as running:
         got = engine.submit(GenerationRequest(prompt, _fixed(6))).result(120)
-    finally:
-        torch.compiler.set_stance("default")
-        engine.runner.prefill, engine.runner.decode = prefill, decode
     assert list(got.token_ids) == want
     chunks = [(a, b) for kind, a, b in events if kind == "prefill"]
     assert chunks == [(0, 64), (64, 128), (128, 192), (192, 250)], events
@@ -347,20 +358,12 @@ def test_a_step_prefills_at_most_a_chunk_of_prompt_tokens_first_come_first_serve
         covered.append(0)
         return decode(rows, n, span, numbers)
 
-    started, on_text = _after_tokens(3)
-    running = engine.submit(GenerationRequest("Hello =>", _fixed(200), on_text=on_text))
-    assert started.wait(60)
-    engine.runner.prefill, engine.runner.decode = spy_prefill, spy_decode
-    torch.compiler.set_stance("fail_on_recompile")
-    try:
+    with _beside_a_running_row(engine, spy_prefill, spy_decode) as running:
         longs = engine.submit_group([GenerationRequest(p, _fixed(4)) for p in prompts[:3]])
         assert chunked.wait(60)
         arrived = len(steps) - 1
         short = engine.submit(GenerationRequest(prompts[3], _fixed(4)))
         got = [f.result(120) for f in [*longs, short]]
-    finally:
-        torch.compiler.set_stance("default")
-        engine.runner.prefill, engine.runner.decode = prefill, decode
     assert [list(g.token_ids) for g in got] == want
     chunks = [c for step in steps for c in step]
     for k in range(3):
