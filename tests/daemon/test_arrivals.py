@@ -68,15 +68,20 @@ def daemon(demo_assets: DemoAssets, workdir: Path, cli_env: dict[str, str]) -> I
         yield d
 
 
-def drop_version(src: Path, watched: Path, name: str) -> float:
-    """``harness.drop_adapter``'s protocol (copy into a dot-folder, ``rename()`` in), with the config made
+def stage_version(src: Path, watched: Path, name: str) -> Path:
+    """The copy half of ``harness.drop_adapter``'s protocol (copy into a dot-folder), with the config made
     unique to ``name`` (a neutral ``revision`` key), so each version has its own sha256 and every swap is a
-    real one, not ``unchanged``. Returns the rename's ``time.time()``."""
+    real one, not ``unchanged``. Returns the dot-folder, to be ``rename()``d in as ``name``."""
     staging = watched / f".tmp-{name}"
     shutil.copytree(src, staging)
     config = json.loads((staging / "adapter_config.json").read_text())
     (staging / "adapter_config.json").write_text(json.dumps({**config, "revision": name}))
-    os.rename(staging, watched / name)
+    return staging
+
+
+def drop_version(src: Path, watched: Path, name: str) -> float:
+    """Stages ``name`` (``stage_version``) and renames it in. Returns the rename's ``time.time()``."""
+    os.rename(stage_version(src, watched, name), watched / name)
     return time.time()
 
 
@@ -89,12 +94,19 @@ def test_two_versions_in_one_look_list_the_older_as_superseded(
     daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path, cli_env: dict[str, str]
 ) -> None:
     watched = workdir / "adapters"
-    drop_version(demo_assets.bravo, watched, "pair-1")
-    drop_version(demo_assets.alpha, watched, "pair-2")  # within the same settle: pair-1 loses the look
+    # Both copied first, then renamed in back to back (microseconds apart): a copy between the two renames
+    # once took longer than a settle on a loaded machine, and pair-1 settled alone and went live.
+    first, second = (
+        stage_version(demo_assets.bravo, watched, "pair-1"),
+        stage_version(demo_assets.alpha, watched, "pair-2"),
+    )
+    os.rename(first, watched / "pair-1")
+    os.rename(second, watched / "pair-2")  # within the same settle: pair-1 loses the look
     wait_until(lambda: daemon.complete()["adapter"]["version"] == "pair-2", 2 * SETTLE + 10, "pair-2 to serve")
     adapters = _adapters(daemon)
     entry = next((s for s in adapters["superseded"] if s["version"] == "pair-1"), None)
-    assert entry is not None, adapters["superseded"]
+    looks = [line for line in daemon.log.splitlines() if "pair-" in line]
+    assert entry is not None, (adapters["superseded"], adapters["history"], looks)
     assert entry["by"] == "pair-2" and entry["path"] == str((watched / "pair-1").resolve()) and entry["at"] > 0
     assert not [r for r in adapters["history"] if r["version"] == "pair-1"]  # never a swap
     assert not [r for r in adapters["rejected"] if r["path"].endswith("pair-1")]  # nor a rejection
