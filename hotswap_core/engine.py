@@ -31,7 +31,7 @@ from hotswap_core.errors import EngineError
 from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams, Scored
 from hotswap_core.runner import ModelRunner, StepOutput, resolve_device, resolve_dtype, resolve_mode
 from hotswap_core.sampling import GREEDY, logprobs, sample, uniforms
-from hotswap_core.scheduler import Group, Row, RowTable, plan_prefill, prefill_forwards
+from hotswap_core.scheduler import Group, Row, RowTable, plan_prefill, prefill_forwards, share_prompts
 from hotswap_core.warmup import WarmupStep, estimate, warmup_plan
 
 log = logging.getLogger("hotswapd.engine")
@@ -279,7 +279,9 @@ class Engine:
             groups = self.table.take_admissible()
         for group in groups:
             self._admit(group)
-        if prefilling := [r for r in self.table.active if r.prefilling and not self._cancelled_prefilling(r)]:
+        # A row waiting for its leader's prompt (``share_prompts``) gets no chunk of its own.
+        prefilling = [r for r in self.table.active if r.prefilling and not self._cancelled_prefilling(r)]
+        if prefilling := [r for r in prefilling if r.leader is None]:
             for forward in prefill_forwards(plan_prefill(prefilling, self.runner.chunk_end, self.prefill_budget)):
                 if forward:
                     self._prefill(forward)
@@ -346,6 +348,7 @@ class Engine:
                 except Exception:  # like a failing on_text: that request alone is cancelled
                     log.warning("on_start callback failed; cancelling that request", exc_info=True)
                     req.cancelled.set()
+        share_prompts(group.rows)
         return group.rows
 
     def _run(self, rows: list[Row], forward: StepForward) -> None:
@@ -385,7 +388,18 @@ class Engine:
             if not row.prefilling:
                 asked = top is not None and not row.state.request.cancelled.is_set()
                 row.state.prefilled(tuple(row.scored) if asked else None)
+                if row.followers:
+                    self._share(row)
         return failed
+
+    def _share(self, leader: Row) -> None:
+        """``leader``'s prompt is in the cache: its followers (``share_prompts``) copy all of it but the last position,
+        whose chunk each prefills itself at the next step (its own logits and first draw)."""
+        followers, leader.followers = leader.followers, []
+        copied = len(leader.state.prompt_ids) - 1
+        self.runner.cache.copy_prefix(leader.index, [f.index for f in followers], copied)
+        for follower in followers:
+            follower.filled, follower.leader = copied, None
 
     def _sample(self, rows: list[Row], out: StepOutput, numbers: list[float], failed: set[int]) -> None:
         """Push each row's token (drawn in the forward, or here when the row filters), then retire the finished;

@@ -81,6 +81,13 @@ class KVCache:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(config.num_hidden_layers, rows, kv_heads, max_seq_len, head_dim, device, dtype)
 
+    def copy_prefix(self, source: int, rows: list[int], length: int) -> None:
+        """Positions ``0 .. length - 1`` of cache row ``source`` into ``rows``, every layer (in place: the tensors
+        keep their addresses, which recorded CUDA graphs hold)."""
+        index = torch.tensor(rows, device=self.k[0].device)
+        for t in (*self.k, *self.v):
+            t[index, :, :length] = t[source, :, :length]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

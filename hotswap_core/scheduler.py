@@ -3,7 +3,8 @@
 Requests wait in groups (the prompts of one HTTP request, admitted together so they run on one version).
 Each engine step admits waiting groups into free rows (lowest free row first, so decode batches stay
 small), prefills prompts a chunk at a time within the step's budget of prompt tokens (``plan_prefill``; a row
-decodes once its whole prompt is in the cache), and a row is retired the step its request finishes: its future
+decodes once its whole prompt is in the cache; a request's choices prefill their prompt once, ``share_prompts``),
+and a row is retired the step its request finishes: its future
 resolves, its stream ends and the row is free for the next step. A row is pinned to the adapter slot that was
 live when it was admitted (or to the standby slot, for a swap's smoke prompts) and keeps it to its last token.
 """
@@ -19,6 +20,10 @@ import torch
 
 from hotswap_core.generation import GenerationRequest, RowState, Scored
 from hotswap_core.slots import AdapterVersion
+
+# From this many prompt tokens, a request's choices share one prefill (``share_prompts``). Below it, n rows of the
+# prompt in one forward cost little more than one row, and sharing would add a forward and a step.
+SHARED_PROMPT_TOKENS = 64
 
 
 @dataclass(eq=False)
@@ -38,6 +43,8 @@ class Row:
     scored: list[Scored] = field(default_factory=list)  # its prompt's log-probabilities so far (when asked)
     seq: int = 0  # admission order (``RowTable.place``)
     waited: int = 0  # steps in a row its prompt was prefilling and got no chunk (``plan_prefill``)
+    leader: Row | None = None  # the row of its request whose prefill of the same prompt it copies (``share_prompts``)
+    followers: list[Row] = field(default_factory=list)  # the rows waiting to copy this one's prompt
 
     @property
     def position(self) -> int:
@@ -98,7 +105,15 @@ class RowTable:
         self.rows[row.index] = row
 
     def retire(self, row: Row) -> None:
+        """Free ``row``'s cache row. A leader gone before its prompt was whole leaves its followers to prefill their
+        own; a follower gone is not copied into (its cache row may be someone else's by then)."""
         self.rows[row.index] = None
+        for follower in row.followers:
+            follower.leader = None
+        row.followers = []
+        if row.leader is not None:
+            row.leader.followers.remove(row)
+            row.leader = None
 
     def bucket_rows(self, buckets: tuple[int, ...]) -> int:
         """Rows a decode step covers: the smallest bucket holding the highest occupied row."""
@@ -109,6 +124,23 @@ class RowTable:
         """Positions a decode step attends to: the smallest span holding every running row's position."""
         furthest = max((r.position for r in self.rows if r is not None and not r.prefilling), default=0) + 1
         return next(s for s in spans if s >= furthest)
+
+
+def share_prompts(rows: list[Row]) -> None:
+    """The rows of one request (``rows``, just admitted) that have the same prompt, as its ``n`` choices do, prefill
+    it once: the first runs it, each other waits for it (``Row.leader``: ``plan_prefill`` is not given it) and then
+    copies its cache rows but the last position (``KVCache.copy_prefix``), prefilling only the last token itself
+    (its own logits, its own first draw). Left alone: prompts shorter than ``SHARED_PROMPT_TOKENS`` (n rows of a
+    short prompt cost about what one costs, in one forward; sharing would add a forward and a step), and rows that
+    score their prompt (``prompt_logprobs``: each scores its own chunks)."""
+    first: dict[tuple[int, ...], Row] = {}
+    for row in rows:
+        if len(row.state.prompt_ids) < SHARED_PROMPT_TOKENS or row.state.params.prompt_logprobs is not None:
+            continue
+        leader = first.setdefault(tuple(row.state.prompt_ids), row)
+        if leader is not row:
+            row.leader = leader
+            leader.followers.append(row)
 
 
 def plan_prefill(rows: list[Row], chunk_end: Callable[[Row], int], budget: int | None) -> list[tuple[Row, int]]:

@@ -8,11 +8,16 @@
   longest gap between two decode steps of the running rows meanwhile, and the long prompts' time to first token
   (median, first, last). ``--per-row`` adds, for each chunk size, an engine without the step's budget (every
   prompt a chunk every step, as before the budget: ``Engine.prefill_budget`` None).
+- ``choices``: what a request's ``n`` choices cost. Two rows decode while one request with 4 choices of a
+  480-token prompt arrives (its choices prefill the prompt once: ``scheduler.share_prompts``), against 4 requests
+  of that prompt arriving at once (each prefills its own), on the same engine, for each ``prefill_chunk_tokens``
+  given: the same figures as ``chunks``.
 
 Run from a checkout::
 
     python -m hotswapd.bench.long_context spans --values 512 4096 [--json out.json]
     python -m hotswapd.bench.long_context chunks --values 0 128 [--per-row] [--json out.json]
+    python -m hotswapd.bench.long_context choices --values 128 [--json out.json]
 
 It builds the demo assets and the geometry model in a temporary folder (or ``--work``) and compiles one engine
 per value (about a minute each on 2 cores, cold).
@@ -80,9 +85,10 @@ def _span_round(engine: Any) -> dict[str, float]:
     return {"step_s": (time.perf_counter() - started) / (engine.steps - steps)}
 
 
-def _chunk_round(engine: Any) -> dict[str, float]:
+def _chunk_round(engine: Any, same_prompt: bool | None = None) -> dict[str, float]:
     """Two rows decode; 4 prompts of 480 tokens arrive: the longest gap between decode steps until their first
-    tokens, the median gap, and their median time to first token."""
+    tokens, the median gap, and their median time to first token. ``same_prompt``: one prompt 4 times, as the 4
+    choices of one request (True) or as 4 requests (False)."""
     stamps: list[float] = []
     seen = threading.Event()
 
@@ -97,7 +103,13 @@ def _chunk_round(engine: Any) -> dict[str, float]:
         if not seen.wait(600):
             raise RuntimeError("the running rows did not decode")
         arrived = time.perf_counter()
-        longs = [_submit(engine, [(33 + (i + k) % 90) for k in range(480)], 4) for i in range(4)]
+        prompts = [[33 + ((0 if same_prompt is not None else i) + k) % 90 for k in range(480)] for i in range(4)]
+        if same_prompt:
+            from hotswap_core.generation import GenerationRequest
+
+            longs = engine.submit_group([GenerationRequest(p, _params(4)) for p in prompts])
+        else:
+            longs = [_submit(engine, p, 4) for p in prompts]
         results = [f.result(600) for f in longs]
         first = arrived + max(r.time_to_first_token_s for r in results)
         for f in running:
@@ -117,7 +129,7 @@ def _chunk_round(engine: Any) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hotswapd.bench.long_context", description=__doc__.split(":")[0])
-    parser.add_argument("experiment", choices=["spans", "chunks"])
+    parser.add_argument("experiment", choices=["spans", "chunks", "choices"])
     parser.add_argument("--values", type=int, nargs="+", help="spans: max_seq_len values (default 512 4096); "
                         "chunks: prefill_chunk_tokens values, 0 for none (default 0 128)")  # fmt: skip
     parser.add_argument("--per-row", action="store_true", help="chunks: also each chunk size without the step's "
@@ -145,14 +157,21 @@ def main(argv: list[str] | None = None) -> int:
             if v:
                 engines[f"{v}/row"] = engine = _engine(model, work, f"{args.experiment}-{v}-row", 512, v)
                 engine.prefill_budget = None
+        contenders = {v: (engine, turn) for v, engine in engines.items()}
+        if args.experiment == "choices":
+            contenders = {
+                f"{v}/{kind}": (engine, lambda e, same=same: _chunk_round(e, same))
+                for v, engine in engines.items()
+                for kind, same in (("n=4", True), ("4_requests", False))
+            }
         try:
-            for engine in engines.values():  # compile and warm each, outside the timed rounds
-                turn(engine)
-                turn(engine)
-            rounds: dict[str, list[dict[str, float]]] = {v: [] for v in engines}
+            for engine, run in contenders.values():  # compile and warm each, outside the timed rounds
+                run(engine)
+                run(engine)
+            rounds: dict[str, list[dict[str, float]]] = {v: [] for v in contenders}
             for _ in range(args.rounds):
-                for v, engine in engines.items():
-                    rounds[v].append(turn(engine))
+                for v, (engine, run) in contenders.items():
+                    rounds[v].append(run(engine))
         finally:
             for engine in engines.values():
                 engine.stop()

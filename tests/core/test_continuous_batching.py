@@ -378,6 +378,97 @@ def test_a_step_prefills_at_most_a_chunk_of_prompt_tokens_first_come_first_serve
     assert engine.recompilations == 0
 
 
+def test_a_requests_choices_prefill_their_prompt_once(
+    engine: Any, swapper: Swapper, pool: dict[str, Path], demo_assets: Any
+) -> None:
+    """A request's 4 greedy choices of a 150-token prompt, beside a running generation: the first prefills the prompt
+    (0-64-128-150), the other three copy its cache rows and prefill its last token (149-150), together, the step
+    after it was whole: 153 prompt positions, not 600. Every text equals the eager PEFT model's greedy tokens, under
+    ``fail_on_recompile``. Seeded temperature-1 choices draw the same tokens as the same seeds do in requests of their
+    own (which share nothing)."""
+    assert swapper.swap(pool["p_r8"], version="shared").result in ("success", "unchanged")
+    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), pool["p_r8"])
+    prompt = ("the quick brown fox jumps over the lazy dog. " * 4)[:150]
+    ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    assert len(ids) == 150
+    want = _greedy(model.eval(), ids, 4)
+    choices = [GenerationRequest(prompt, _fixed(4)) for _ in range(4)]
+    chunks: dict[int, list[tuple[int, int, int]]] = {k: [] for k in range(4)}  # choice -> (step, start, end)
+    steps = [0]
+    prefill, decode = engine.runner.prefill, engine.runner.decode
+
+    def spy_prefill(rows: Any, ends: list[int], numbers: Any) -> Any:
+        for r, end in zip(rows, ends, strict=True):
+            for k, req in enumerate(choices):
+                if r.state.request is req:
+                    chunks[k].append((steps[0], r.filled, end))
+        return prefill(rows, ends, numbers)
+
+    def spy_decode(rows: Any, n: int, span: int, numbers: Any) -> Any:
+        steps[0] += 1
+        return decode(rows, n, span, numbers)
+
+    def seeded(seed: int) -> SamplingParams:
+        return SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, seed=seed)
+
+    with _beside_a_running_row(engine, spy_prefill, spy_decode) as running:
+        got = [f.result(120) for f in engine.submit_group(choices)]
+        shared = engine.submit_group([GenerationRequest(prompt, seeded(7 + j)) for j in range(3)])
+        shared_ids = [list(f.result(120).token_ids) for f in shared]
+        alone_ids = [
+            list(engine.submit(GenerationRequest(prompt, seeded(7 + j))).result(120).token_ids) for j in range(3)
+        ]
+    assert [list(g.token_ids) for g in got] == [want] * 4
+    assert [(a, b) for _, a, b in chunks[0]] == [(0, 64), (64, 128), (128, 150)], chunks
+    whole_at = chunks[0][-1][0]
+    assert all(chunks[k] == [(whole_at + 1, 149, 150)] for k in (1, 2, 3)), chunks
+    assert shared_ids == alone_ids and len({tuple(i) for i in shared_ids}) > 1, (shared_ids, alone_ids)
+    assert not running.done() and running.result(120).completion_tokens == 200
+    assert engine.recompilations == 0
+    assert engine.table.free == engine.max_batch_size
+
+
+def test_a_choice_gone_while_it_waits_for_the_shared_prompt_is_not_copied_into(engine: Any) -> None:
+    """Of 3 choices of a 150-token prompt, the second's client goes away after the first chunk: it ends cancelled and
+    the third still gets the prompt copied; then a leader cancelled after its first chunk leaves its two followers
+    to prefill the prompt themselves (0-64-128-150), both with the greedy text of the first request."""
+    prompt = ("the quick brown fox jumps over the lazy dog. " * 4)[:150]
+    prefill = engine.runner.prefill
+    chunks: list[tuple[int, int, int]] = []  # (choice, start, end)
+    current: list[GenerationRequest] = []
+    cancel_after_first_chunk: list[GenerationRequest] = []
+
+    def spy(rows: Any, ends: list[int], numbers: Any) -> Any:
+        out = prefill(rows, ends, numbers)
+        for r, end in zip(rows, ends, strict=True):
+            if r.state.request in current:
+                chunks.append((current.index(r.state.request), r.filled, end))
+                for req in cancel_after_first_chunk:
+                    req.cancelled.set()
+        return out
+
+    engine.runner.prefill = spy
+    try:
+        current[:] = [GenerationRequest(prompt, _fixed(4)) for _ in range(3)]
+        cancel_after_first_chunk[:] = [current[1]]
+        first = [f.result(60) for f in engine.submit_group(current)]
+        first_chunks = list(chunks)
+        chunks.clear()
+        current[:] = [GenerationRequest(prompt, _fixed(4)) for _ in range(3)]
+        cancel_after_first_chunk[:] = [current[0]]
+        second = [f.result(60) for f in engine.submit_group(current)]
+    finally:
+        engine.runner.prefill = prefill
+    assert first[1].finish_reason == "cancelled" and first[1].token_ids == ()
+    assert first[0].token_ids == first[2].token_ids and len(first[0].token_ids) == 4
+    assert [c for c in first_chunks if c[0] != 0] == [(2, 149, 150)], first_chunks
+    assert second[0].finish_reason == "cancelled"
+    assert second[1].token_ids == second[2].token_ids == first[0].token_ids
+    for k in (1, 2):
+        assert [(a, b) for j, a, b in chunks if j == k] == [(0, 64), (64, 128), (128, 150)], chunks
+    assert engine.table.free == engine.max_batch_size and engine.slots.pinned(0) == engine.slots.pinned(1) == 0
+
+
 def test_a_client_gone_while_its_prompt_prefills_frees_its_row(engine: Any) -> None:
     """Cancelled between two chunks of its prompt: it ends there as cancelled, its row and slot pin are free."""
     prefill = engine.runner.prefill

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hotswap_core.scheduler import Row, RowTable, plan_prefill, prefill_cost
+from hotswap_core.scheduler import SHARED_PROMPT_TOKENS, Row, RowTable, plan_prefill, prefill_cost, share_prompts
 
 CHUNK = 64
 
@@ -132,3 +132,39 @@ def test_random_arrivals_hold_the_budget_and_all_finish(seed: int) -> None:
             break
     assert not table.active and arrived > 10
     assert step <= 60 + chunks  # a step with prompts to prefill runs at least one chunk
+
+
+# ---- a request's choices share their prompt (share_prompts) -------------------------------------------------
+def _choices(table: RowTable, prompts: list[list[int]], prompt_logprobs: int | None = None) -> list[Row]:
+    rows = []
+    for ids in prompts:
+        state = SimpleNamespace(prompt_ids=ids, params=SimpleNamespace(prompt_logprobs=prompt_logprobs))
+        rows.append(Row(-1, state, 0, None, 0.0))  # type: ignore[arg-type]
+        table.place(rows[-1])
+    share_prompts(rows)
+    return rows
+
+
+def test_the_choices_of_one_prompt_follow_its_first_row_and_other_prompts_their_own() -> None:
+    a, b = [1] * SHARED_PROMPT_TOKENS, [2] * (SHARED_PROMPT_TOKENS + 5)
+    rows = _choices(RowTable(8), [a, a, b, a, b])
+    assert [r.leader for r in rows] == [None, rows[0], None, rows[0], rows[2]]
+    assert rows[0].followers == [rows[1], rows[3]] and rows[2].followers == [rows[4]]
+
+
+@pytest.mark.parametrize(
+    ("length", "prompt_logprobs"), [(SHARED_PROMPT_TOKENS - 1, None), (SHARED_PROMPT_TOKENS * 2, 0)]
+)
+def test_short_prompts_and_rows_that_score_their_prompt_prefill_their_own(length: int, prompt_logprobs: Any) -> None:
+    rows = _choices(RowTable(8), [[3] * length] * 3, prompt_logprobs)
+    assert all(r.leader is None and not r.followers for r in rows)
+
+
+def test_a_follower_gone_is_never_copied_into_and_a_leader_gone_lets_its_followers_prefill() -> None:
+    table = RowTable(8)
+    leader, first, second, third = _choices(table, [[4] * 100] * 4)
+    table.retire(second)  # its client went away while it waited: its cache row may be someone else's next step
+    assert leader.followers == [first, third] and second.leader is None
+    table.retire(leader)  # cancelled before its prompt was whole: the others prefill their own, from position 0
+    assert first.leader is None and third.leader is None and not leader.followers
+    assert first.filled == third.filled == 0 and first.prefilling
