@@ -26,6 +26,7 @@ per value (about a minute each on 2 cores, cold).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import statistics
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         contenders = {v: (engine, turn) for v, engine in engines.items()}
         if args.experiment == "choices":
             contenders = {
-                f"{v}/{kind}": (engine, lambda e, same=same: _chunk_round(e, same))
+                f"{v}/{kind}": (engine, functools.partial(_chunk_round, same_prompt=same))
                 for v, engine in engines.items()
                 for kind, same in (("n=4", True), ("4_requests", False))
             }
