@@ -9,7 +9,8 @@ shape the server will see) -> ``start()`` (worker thread) -> ``submit()`` / ``be
 Each step of the worker: run control operations (a swap's commit); admit waiting requests into free
 rows of the cache, each pinned to the slot that is live now; prefill prompts, a chunk at a time within the
 step's budget of prompt tokens (``scheduler.plan_prefill``); one decode step
-over every running row, whatever version it runs; sample on the device; retire finished rows at once.
+over every running row, whatever version it runs; sample on the device; retire finished rows at once (what a
+forward's output does to its rows is ``outputs.py``'s).
 A response never mixes versions because a row keeps its slot to its last token, and a slot that running
 rows use is never staged into (``SlotBank.pin``).
 """
@@ -28,9 +29,10 @@ import torch
 from hotswap_core.config import Config
 from hotswap_core.detokenize import TokenTexts
 from hotswap_core.errors import EngineError
-from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams, Scored
+from hotswap_core.generation import GenerationRequest, GenerationResult, RowState, SamplingParams
+from hotswap_core.outputs import OutputProcessor
 from hotswap_core.runner import ModelRunner, StepOutput, resolve_device, resolve_dtype, resolve_mode
-from hotswap_core.sampling import GREEDY, logprobs, sample, uniforms
+from hotswap_core.sampling import GREEDY, uniforms
 from hotswap_core.scheduler import Group, Row, RowTable, plan_prefill, prefill_forwards, share_prompts
 from hotswap_core.warmup import WarmupStep, estimate, warmup_plan
 
@@ -87,6 +89,7 @@ class Engine:
         self.token_text = TokenTexts(lambda ids: str(self.tokenizer.decode(ids)))  # log-probabilities' token names
         self.eos_ids, self.pad_id, self.sampling_defaults = r.eos_ids, r.pad_id, r.sampling_defaults
         self.layout, self.slots = r.layout, r.slots
+        self.outputs = OutputProcessor(self.table, r.slots, r)  # what each forward's output does to its rows
 
     # ---- warm-up ----------------------------------------------------------------------------------
     def warm_up(self, progress: Callable[[WarmupStep], None] | None = None) -> float:
@@ -280,21 +283,13 @@ class Engine:
         for group in groups:
             self._admit(group)
         # A row waiting for its leader's prompt (``share_prompts``) gets no chunk of its own.
-        prefilling = [r for r in self.table.active if r.prefilling and not self._cancelled_prefilling(r)]
+        prefilling = [r for r in self.table.active if r.prefilling and not self.outputs.cancelled_prefilling(r)]
         if prefilling := [r for r in prefilling if r.leader is None]:
             for forward in prefill_forwards(plan_prefill(prefilling, self.runner.chunk_end, self.prefill_budget)):
                 if forward:
                     self._prefill(forward)
         if decoding := [r for r in self.table.active if not r.prefilling]:
             self._run(decoding, self._decode)
-
-    def _cancelled_prefilling(self, row: Row) -> bool:
-        """A row whose client went away while its prompt was prefilling ends here, as cancelled."""
-        if not row.state.request.cancelled.is_set():
-            return False
-        row.state.finish_reason = "cancelled"
-        self._retire(row)
-        return True
 
     def _prefill(self, chunks: list[tuple[Row, int]]) -> None:
         """The next chunk of each row's prompt, to where it ends (``runner.prefill``); the rows whose prompt is then
@@ -306,15 +301,15 @@ class Engine:
             for i, u in zip(whole, uniforms([rows[i].state for i in whole]), strict=True):
                 numbers[i] = u
             out = self.runner.prefill(rows, ends, numbers)
-            failed = self._prefilled(rows, out, ends)
+            failed = self.outputs.prefilled(rows, out, ends)
             for i, row in enumerate(rows):
                 row.finite = row.finite and out.finite[i]
             done = [i for i in whole if i not in failed]
             if done:
-                self._sample([rows[i] for i in done], out.only(done), [numbers[i] for i in done], set())
+                self.outputs.sample([rows[i] for i in done], out.only(done), [numbers[i] for i in done], set())
         except Exception as exc:
             log.exception("prefilling %d rows failed", len(rows))
-            self._fail(rows, exc)
+            self.outputs.fail(rows, exc)
         self.last_loop_at = time.monotonic()
 
     def _decode(self, rows: list[Row], numbers: list[float]) -> StepOutput:
@@ -356,107 +351,11 @@ class Engine:
         try:
             numbers = uniforms([r.state for r in rows])  # each row's draw this step, taken once
             out = forward(rows, numbers)
-            self._sample(rows, out, numbers, set())
+            self.outputs.sample(rows, out, numbers, set())
         except Exception as exc:
             log.exception("a step over %d rows failed", len(rows))
-            self._fail(rows, exc)
+            self.outputs.fail(rows, exc)
         self.last_loop_at = time.monotonic()  # a long generation is still a turning worker
-
-    def _prefilled(self, rows: list[Row], out: StepOutput, ends: list[int]) -> set[int]:
-        """After a chunk of each row's prompt ran (to ``ends``): score it for the rows that ask
-        (``runner.score_prompt``: the head over the chunk's hidden states; once for rows with the same prompt,
-        chunk, slot and alternatives, as a request's ``n`` choices), note how far each prompt is in the cache, and
-        tell each row whose prompt is now whole that it ran, before its first token. A row whose client went away
-        is not scored. Returns the rows (indices into ``rows``) whose scoring failed: they fail alone."""
-        failed: set[int] = set()
-        done: dict[tuple[tuple[int, ...], int, int, int], tuple[Scored, ...]] = {}
-        for i, (row, end) in enumerate(zip(rows, ends, strict=True)):
-            top = row.state.params.prompt_logprobs
-            if top is not None and not row.state.request.cancelled.is_set():
-                assert out.hidden is not None
-                key = (tuple(row.state.prompt_ids), row.slot, top, row.filled)
-                try:
-                    scored = done.get(key) or self.runner.score_prompt(row, out.hidden[i], top, row.filled, end)
-                    done[key] = scored
-                    row.scored += scored
-                except Exception as exc:
-                    log.exception("scoring a prompt of %d tokens failed", len(row.state.prompt_ids))
-                    self._fail([row], exc)
-                    failed.add(i)
-                    continue
-            row.filled = end
-            if not row.prefilling:
-                asked = top is not None and not row.state.request.cancelled.is_set()
-                row.state.prefilled(tuple(row.scored) if asked else None)
-                if row.followers:
-                    self._share(row)
-        return failed
-
-    def _share(self, leader: Row) -> None:
-        """``leader``'s prompt is in the cache: its followers (``share_prompts``) copy all of it but the last position,
-        whose chunk each prefills itself at the next step (its own logits and first draw)."""
-        followers, leader.followers = leader.followers, []
-        copied = len(leader.state.prompt_ids) - 1
-        self.runner.cache.copy_prefix(leader.index, [f.index for f in followers], copied)
-        for follower in followers:
-            follower.filled, follower.leader = copied, None
-
-    def _sample(self, rows: list[Row], out: StepOutput, numbers: list[float], failed: set[int]) -> None:
-        """Push each row's token (drawn in the forward, or here when the row filters), then retire the finished;
-        ``failed``: rows (indices into ``rows``) already ended, skipped."""
-        for i, row in enumerate(rows):
-            row.finite = row.finite and out.finite[i]
-            if row.capture and row.logits is None:
-                row.logits = out.logits[out.at[i]].float().cpu()
-        states = [r.state for r in rows]
-        tokens = sample(out.logits, states, numbers, out.tokens, out.at)
-        asking = [i for i, row in enumerate(rows) if row.state.params.logprobs is not None and i not in failed]
-        scored: dict[int, Scored] = {}
-        if asking:
-            try:
-                top = [rows[i].state.params.logprobs or 0 for i in asking]
-                found = logprobs(out.logits, [out.at[i] for i in asking], [tokens[i] for i in asking], top)
-                scored = dict(zip(asking, found, strict=True))
-            except Exception as exc:  # fails the rows that asked, never the step's others
-                log.exception("log-probabilities over %d rows failed", len(asking))
-                self._fail([rows[i] for i in asking], exc)
-                failed = failed | set(asking)
-        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-            if i in failed:
-                continue
-            row.state.push(token, scored.get(i))
-            if row.state.done:
-                self._retire(row)
-
-    def _fail(self, rows: list[Row], exc: Exception) -> None:
-        """End ``rows`` with ``exc``: their requests fail, their cache rows and slot pins are free."""
-        for row in rows:
-            if self.table.rows[row.index] is row:
-                self.table.retire(row)
-                self.slots.unpin(row.slot)
-            if not row.state.request.future.done():
-                row.state.request.future.set_exception(EngineError(f"generation failed: {exc}"))
-
-    def _retire(self, row: Row) -> None:
-        """The row's request is answered now, the step it finished, and its row is free for the next step."""
-        self.table.retire(row)
-        self.slots.unpin(row.slot)
-        state = row.state
-        ttft = (state.first_token_at or row.started_at) - state.request.created_at
-        state.request.future.set_result(
-            GenerationResult(
-                text=state.text,
-                token_ids=tuple(state.ids),
-                prompt_tokens=len(state.prompt_ids),
-                finish_reason=state.finish_reason or "length",
-                adapter=row.version,
-                time_to_first_token_s=ttft,
-                duration_s=time.monotonic() - state.request.created_at,
-                logprobs=None if state.logprobs is None else tuple(state.logprobs),
-                prompt_logprobs=state.prompt_logprobs,
-                queue_time_s=row.started_at - state.request.created_at,
-            )
-        )
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """The token ids a prompt runs as: an empty one runs as BOS (or the pad token), since a row needs one."""

@@ -423,12 +423,12 @@ def test_a_lora_output_head_serves_as_eager_peft_and_scores_each_prompt_on_its_r
 
 
 def test_a_failure_computing_logprobs_fails_only_the_rows_that_asked(engine: Any, monkeypatch: Any) -> None:
-    import hotswap_core.engine as engine_module
+    import hotswap_core.outputs as outputs_module
 
     def broken(*_args: Any) -> Any:
         raise RuntimeError("out of memory (injected)")
 
-    monkeypatch.setattr(engine_module, "logprobs", broken)
+    monkeypatch.setattr(outputs_module, "logprobs", broken)
     plain = SamplingParams(max_tokens=8, ignore_eos=True)
     futures = engine.submit_group(
         [GenerationRequest("abc", plain), GenerationRequest("Hello =>", dataclasses.replace(plain, logprobs=2))]

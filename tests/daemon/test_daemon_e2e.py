@@ -284,7 +284,8 @@ def test_tokenize_detokenize_models_retrieve_and_version_as_vllm_clients_call_th
 
 def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess) -> None:
     """``n`` choices per prompt and each token's log-probabilities with its top alternatives, whole and
-    streamed (the same values either way), through the real openai client."""
+    streamed (the same values either way), through the real openai client. A long prompt's choices, which prefill
+    it once, answer what the prompt alone does: greedy, and seeded (choice ``j`` as ``seed + j``)."""
     import httpx2
     import openai
 
@@ -324,6 +325,19 @@ def test_n_choices_and_logprobs_through_the_openai_client(daemon: DaemonProcess)
         for _ in range(2)
     ]  # fmt: skip
     assert seeded[0] == seeded[1] and len(set(seeded[0])) > 1, seeded  # reproducible, and the choices differ
+
+    long = "The quick brown fox jumps over the lazy dog; " * 3  # 135 tokens: the choices share one prefill
+    shared = client.completions.create(model="m", prompt=long, max_tokens=8, temperature=0, n=3, logprobs=1)
+    solo = client.completions.create(model="m", prompt=long, max_tokens=8, temperature=0, logprobs=1)
+    assert [c.text for c in shared.choices] == [solo.choices[0].text] * 3
+    for c in shared.choices:
+        assert c.logprobs is not None and solo.choices[0].logprobs is not None
+        assert c.logprobs.token_logprobs == pytest.approx(solo.choices[0].logprobs.token_logprobs, abs=1e-4)
+    drawn = client.completions.create(model="m", prompt=long, max_tokens=12, temperature=1.8, n=3, seed=11)
+    each = [client.completions.create(model="m", prompt=long, max_tokens=12, temperature=1.8, seed=11 + j)
+            for j in range(3)]  # fmt: skip
+    assert [c.text for c in drawn.choices] == [e.choices[0].text for e in each], "choice j draws what seed + j does"
+    assert len({c.text for c in drawn.choices}) > 1
 
     messages = [{"role": "user", "content": "hi"}]
     chat = client.chat.completions.create(
