@@ -89,6 +89,19 @@ def _after_tokens(n: int) -> tuple[threading.Event, Any]:
     return seen, on_text
 
 
+def _live_and_eager(swapper: Swapper, pool: dict[str, Path], demo_assets: Any, name: str, version: str) -> Any:
+    """``pool[name]`` made live as ``version``, and a fresh eager PEFT model of it (the reference)."""
+    assert swapper.swap(pool[name], version=version).result in ("success", "unchanged")
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), pool[name]).eval()
+
+
+def _prompt(engine: Any, text: str, length: int) -> tuple[str, list[int]]:
+    """The first ``length`` characters of ``text`` and their token ids (the demo tokenizer: one a character)."""
+    ids = engine.tokenizer.encode(text[:length], add_special_tokens=False)
+    assert len(ids) == length
+    return text[:length], ids
+
+
 @contextmanager
 def _beside_a_running_row(engine: Any, prefill: Any, decode: Any) -> Iterator[Any]:
     """A 200-token generation running (3 tokens in), then ``prefill`` and ``decode`` in place of the runner's, under
@@ -286,12 +299,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(
     ``prefill_chunk_tokens``) in 4 steps, each followed by a decode step of the running row, not in one forward
     that stalls it; its text equals the eager PEFT model's greedy tokens, under ``fail_on_recompile``."""
     assert engine.runner.prefill_chunk == 64
-    assert swapper.swap(pool["p_rslora"], version="chunks").result in ("success", "unchanged")
-    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), pool["p_rslora"])
-    prompt = ("The quick brown fox jumps over the lazy dog. " * 6)[:250]
-    ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-    assert len(ids) == 250
-    want = _greedy(model.eval(), ids, 6)
+    model = _live_and_eager(swapper, pool, demo_assets, "p_rslora", "chunks")
+    prompt, ids = _prompt(engine, "The quick brown fox jumps over the lazy dog. " * 6, 250)
+    want = _greedy(model, ids, 6)
     events: list[tuple[str, int, int]] = []  # ("prefill", chunk start, chunk end) / ("decode", rows, 0)
     prefill, decode = engine.runner.prefill, engine.runner.decode
 
@@ -386,12 +396,9 @@ def test_a_requests_choices_prefill_their_prompt_once(
     after it was whole: 153 prompt positions, not 600. Every text equals the eager PEFT model's greedy tokens, under
     ``fail_on_recompile``. Seeded temperature-1 choices draw the same tokens as the same seeds do in requests of their
     own (which share nothing)."""
-    assert swapper.swap(pool["p_r8"], version="shared").result in ("success", "unchanged")
-    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), pool["p_r8"])
-    prompt = ("the quick brown fox jumps over the lazy dog. " * 4)[:150]
-    ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-    assert len(ids) == 150
-    want = _greedy(model.eval(), ids, 4)
+    model = _live_and_eager(swapper, pool, demo_assets, "p_r8", "shared")
+    prompt, ids = _prompt(engine, "the quick brown fox jumps over the lazy dog. " * 4, 150)
+    want = _greedy(model, ids, 4)
     choices = [GenerationRequest(prompt, _fixed(4)) for _ in range(4)]
     chunks: dict[int, list[tuple[int, int, int]]] = {k: [] for k in range(4)}  # choice -> (step, start, end)
     steps = [0]
