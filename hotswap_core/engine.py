@@ -282,9 +282,10 @@ class Engine:
             groups = self.table.take_admissible()
         for group in groups:
             self._admit(group)
-        # A row waiting for its leader's prompt (``share_prompts``) gets no chunk of its own.
-        prefilling = [r for r in self.table.active if r.prefilling and not self.outputs.cancelled_prefilling(r)]
-        if prefilling := [r for r in prefilling if r.leader is None]:
+        # A cancelled row ends here, a follower too; one waiting for its leader's prompt (``share_prompts``) gets no
+        # chunk of its own.
+        cancelled = self.outputs.cancelled_prefilling
+        if prefilling := [r for r in self.table.active if r.prefilling and not cancelled(r) and r.leader is None]:
             for forward in prefill_forwards(plan_prefill(prefilling, self.runner.chunk_end, self.prefill_budget)):
                 if forward:
                     self._prefill(forward)

@@ -439,7 +439,7 @@ def test_a_choice_gone_while_it_waits_for_the_shared_prompt_is_not_copied_into(e
     """Of 3 choices of a 150-token prompt, the second's client goes away after the first chunk: it ends cancelled and
     the third still gets the prompt copied; then a leader cancelled after its first chunk leaves its two followers
     to prefill the prompt themselves (0-64-128-150), both with the greedy text of the first request."""
-    prompt = ("the quick brown fox jumps over the lazy dog. " * 4)[:150]
+    prompt, _ = _prompt(engine, "the quick brown fox jumps over the lazy dog. " * 4, 150)
     prefill = engine.runner.prefill
     chunks: list[tuple[int, int, int]] = []  # (choice, start, end)
     current: list[GenerationRequest] = []

@@ -94,8 +94,9 @@ def test_two_versions_in_one_look_list_the_older_as_superseded(
     daemon: DaemonProcess, demo_assets: DemoAssets, workdir: Path, cli_env: dict[str, str]
 ) -> None:
     watched = workdir / "adapters"
-    # Both copied first, then renamed in back to back (microseconds apart): a copy between the two renames
-    # once took longer than a settle on a loaded machine, and pair-1 settled alone and went live.
+    # Both copied first, then renamed in back to back (microseconds apart). The test once copied pair-2 between
+    # the two renames and failed once (pair-1 not superseded): most likely that copy outlasted pair-1's settle on
+    # a loaded machine, so pair-1 settled alone (the run kept no daemon log to confirm it).
     first, second = (
         stage_version(demo_assets.bravo, watched, "pair-1"),
         stage_version(demo_assets.alpha, watched, "pair-2"),
