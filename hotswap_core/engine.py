@@ -3,8 +3,9 @@ compiled once), warmed, and served by one worker thread that schedules at the gr
 (continuous batching; which request holds which row is ``scheduler.py``'s).
 
 Lifecycle: ``load()`` (model, tokenizer, layout, slots, KV cache, compile) -> ``warm_up()`` (every
-shape the server will see) -> ``start()`` (worker thread) -> ``submit()`` / ``between_steps()`` ->
-``stop()``.
+shape the server will see) -> ``start()`` (serving) -> ``submit()`` / ``between_steps()`` -> ``stop()``.
+All of it runs on one thread, the engine's, whichever thread calls: load and warm-up too, since on CPU a second
+thread running the model's kernels slows every step (``cpu_threads.py``).
 
 Each step of the worker: run control operations (a swap's commit); admit waiting requests into free
 rows of the cache, each pinned to the slot that is live now; prefill prompts, a chunk at a time within the
@@ -77,12 +78,18 @@ class Engine:
         self.table = RowTable(self.max_batch_size)
         self.on_batch: Callable[[int], None] | None = None  # rows per decode step (metrics)
         self._control: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._serving = False  # start() was called: the thread steps whenever rows wait or run
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._exited = False  # the thread has returned (after stop()): nothing queued would run
+        self._thread: threading.Thread | None = None  # the engine's thread, from load() on
 
     # ---- load ----------------------------------------------------------------------------------------
     def load(self) -> None:
-        """Load and compile the model (``ModelRunner.load``); what requests and swaps need of it is kept here."""
+        """Load and compile the model (``ModelRunner.load``), on the engine's thread; what requests and swaps need of
+        it is kept here."""
+        self._on_engine_thread(self._load)
+
+    def _load(self) -> None:
         r = self.runner
         r.load()
         self.tokenizer, self.model_config, self.vocab_size = r.tokenizer, r.model_config, r.vocab_size
@@ -96,8 +103,12 @@ class Engine:
         """Run every shape the server will see, so no request compiles later: each decode bucket, and
         prefill at batch sizes 1, 2 and more, short and long prompts; rows on both slots.
 
-        ``progress`` is called before each step, with an estimate of the time left (``warmup.estimate``).
+        ``progress`` is called before each step (on the engine's thread), with an estimate of the time left
+        (``warmup.estimate``).
         """
+        return self._on_engine_thread(lambda: self._warm_up(progress))
+
+    def _warm_up(self, progress: Callable[[WarmupStep], None] | None) -> float:
         t0 = time.monotonic()
         self.runner.configure_dynamo()
         plan = warmup_plan(self.buckets, self.max_seq_len, self.spans)
@@ -138,8 +149,11 @@ class Engine:
 
     # ---- submitting work ----------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._worker, name="hotswapd-engine", daemon=True)
-        self._thread.start()
+        """Serve: from now on the engine's thread admits and steps whatever is submitted."""
+        with self._cv:
+            self._serving = True
+            self._ensure_thread()
+            self._cv.notify()
         self.ready.set()
 
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
@@ -164,19 +178,32 @@ class Engine:
             self._cv.notify()
 
     def between_steps(self, fn: Callable[[], T]) -> Future[T]:
-        """Run ``fn`` on the worker thread before its next step (or now, if no worker runs)."""
+        """Run ``fn`` on the engine's thread before its next step; its time counts as serving paused
+        (``control_seconds``). After ``stop()`` it runs at once, on the calling thread."""
+        return self._queue(self._timed(fn))
+
+    def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """``fn``'s result, run on the engine's thread (load, warm-up, rows run before ``start()``)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        return self._queue(fn).result()
+
+    def _queue(self, fn: Callable[[], T]) -> Future[T]:
         fut: Future[T] = Future()
-        if not self._worker_running:
-            _run_into(fn, fut)
-            return fut
         with self._cv:
-            self._control.append((fn, fut))
-            self._cv.notify()
+            if not self._exited:
+                self._ensure_thread()
+                self._control.append((fn, fut))
+                self._cv.notify()
+                return fut
+        _run_into(fn, fut)
         return fut
 
-    @property
-    def _worker_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def _ensure_thread(self) -> None:
+        """Start the engine's thread if it is not running yet (caller holds ``_cv``)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name="hotswapd-engine", daemon=True)
+            self._thread.start()
 
     def generate(
         self, prompts: list[str], params: SamplingParams | None = None, timeout: float | None = None
@@ -188,8 +215,8 @@ class Engine:
     def _run_group(self, group: Group, timeout: float | None = None) -> Group:
         """Queue an internal group and wait until every request of it is done (inline without a worker)."""
         self._enqueue(group, bounded=False)
-        if not self._worker_running:
-            self._run_until_idle()
+        if not self._serving:
+            self._on_engine_thread(self._run_until_idle)
         for r in group.requests:
             r.future.result(timeout)
         return group
@@ -228,12 +255,14 @@ class Engine:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(drain_timeout)
-            if self._thread.is_alive():  # the drain ran out: running rows end at their next token, as cancelled
+            thread, serving = self._thread, self._serving
+        # Never started: nothing runs to drain, and a warm-up in progress (a stop during start-up) is not waited for.
+        if thread is not None and serving:
+            thread.join(drain_timeout)
+            if thread.is_alive():  # the drain ran out: running rows end at their next token, as cancelled
                 for row in self.table.active:
                     row.state.request.cancelled.set()
-                self._thread.join(5.0)
+                thread.join(5.0)
         with self._cv:
             leftover = [r for group in self.table.waiting for r in group.requests]
             self.table.waiting.clear()
@@ -248,16 +277,23 @@ class Engine:
         self.runner.configure_dynamo()
         while True:
             with self._cv:
-                while not (self.table.waiting or self._control or self.table.active or self._stopping):
+                while not (self._control or self._stopping or self._has_rows):
                     self._cv.wait(timeout=0.5)
                     self.last_loop_at = time.monotonic()
                 control, self._control = self._control, []
-                if self._stopping and not (self.table.waiting or control or self.table.active):
+                if self._stopping and not (control or self._has_rows):
+                    self._exited = True
                     return
             self.last_loop_at = time.monotonic()
             for fn, fut in control:
-                _run_into(self._timed(fn), fut)
-            self._step()
+                _run_into(fn, fut)
+            if self._serving:
+                self._step()
+
+    @property
+    def _has_rows(self) -> bool:
+        """Rows to step: waiting or running, once serving (before ``start()`` only ``_run_group`` steps them)."""
+        return self._serving and bool(self.table.waiting or self.table.active)
 
     def _timed(self, fn: Callable[[], T]) -> Callable[[], T]:
         """``fn``, adding its time to ``control_seconds`` before its future resolves."""
@@ -272,7 +308,7 @@ class Engine:
         return run
 
     def _run_until_idle(self) -> None:
-        """Run steps on the calling thread until nothing waits or runs (warm-up, and before ``start()``)."""
+        """Run steps until nothing waits or runs (warm-up, and before ``start()``), on the engine's thread."""
         while self.table.waiting or self.table.active:
             self._step()
 

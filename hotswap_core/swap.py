@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hotswap_core.adapters import AdapterSpec, inspect_adapter, load_adapter
 from hotswap_core.config import ValidationConfig
+from hotswap_core.cpu_threads import serial
 from hotswap_core.engine import Engine
 from hotswap_core.errors import AdapterRejected, SwapError
 from hotswap_core.history import History, SwapRecord, fingerprint
@@ -77,7 +78,7 @@ class Swapper:
         ``within``: every file read must resolve inside that folder, at the moment it is read
         (``outside_watched_folder`` otherwise; the directory source's watched folder)."""
         path = str(path)
-        with self._lock:
+        with self._lock, serial():  # tensor work off the engine's thread: cpu_threads.py
             started = time.time()
             timer = _Timer()
             if seen_at is not None:
@@ -139,7 +140,7 @@ class Swapper:
 
     def rollback(self) -> SwapRecord:
         """Make the previously committed version live again; it sticks across restarts."""
-        with self._lock:
+        with self._lock, serial():  # tensor work off the engine's thread: cpu_threads.py
             started = time.time()
             timer = _Timer()
             prev = self.history.previous()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,50 @@ def test_a_number_sets_the_process_count_and_auto_gives_torchs_back(restore_thre
 
 def test_the_engine_reports_the_count_it_compiled_with(engine: object) -> None:
     assert engine.runner.cpu_threads == cpu_threads.STARTUP_THREADS  # type: ignore[attr-defined]
+
+
+def _native_threads() -> set[int]:
+    """Threads of this process that Python did not start: OpenMP's team workers among them."""
+    return {int(tid) for tid in os.listdir("/proc/self/task")} - {t.native_id for t in threading.enumerate()}
+
+
+def _threads_started_by(work: Callable[[], None]) -> set[int]:
+    """Native threads that appear when ``work`` runs on a thread that outlives it (as a swap's executor thread
+    does: a thread's OpenMP team lasts as long as the thread)."""
+    before = _native_threads()
+    done, release = threading.Event(), threading.Event()
+
+    def run() -> None:
+        work()
+        done.set()
+        release.wait(30)
+
+    helper = threading.Thread(target=run)
+    helper.start()
+    try:
+        assert done.wait(30)
+        return _native_threads() - before
+    finally:
+        release.set()
+        helper.join()
+
+
+def test_tensor_work_in_serial_starts_no_openmp_team_where_unguarded_work_does(restore_threads: None) -> None:
+    """A second team in the process makes GNU OpenMP stop spinning in every team, the engine's too
+    (``cpu_threads.py``): a swap's tensor work runs in ``serial()``, which starts none."""
+    torch.set_num_threads(2)  # the count a new thread starts with: a team of 2 whatever the machine's cores
+    n = 1 << 20  # far past at::parallel_for's grain of 32,768 elements
+    counts: list[int] = []
+
+    def copy() -> None:
+        counts.append(torch.get_num_threads())
+        torch.empty(n).copy_(torch.ones(n))
+
+    def copy_in_serial() -> None:
+        with cpu_threads.serial():
+            copy()
+        counts.append(torch.get_num_threads())  # put back on the way out
+
+    assert len(_threads_started_by(copy)) >= 1  # unguarded: a team of its own (what the check below would see)
+    assert _threads_started_by(copy_in_serial) == set()
+    assert counts == [2, 1, 2]

@@ -371,6 +371,43 @@ def test_a_prompt_is_scored_once_for_its_choices_and_not_for_a_cancelled_row(eng
     assert engine.submit(gone).result(60).finish_reason == "cancelled" and len(calls) == 1
 
 
+def test_load_warm_up_and_rows_before_start_all_run_on_the_engine_thread(demo_config: Any) -> None:
+    """Whichever thread calls them, load, warm-up and every forward run on the engine's one thread: on CPU, a
+    second thread running kernels would give OpenMP a second team and slow every step (``cpu_threads.py``).
+    Uncompiled: threads, not kernels, are the point."""
+    config = dataclasses.replace(
+        demo_config,
+        model=dataclasses.replace(
+            demo_config.model, compile=dataclasses.replace(demo_config.model.compile, enabled=False)
+        ),
+    )
+    from hotswap_core.engine import Engine
+
+    eng = Engine(config)
+    seen: list[tuple[str, str]] = []
+
+    def on(name: str, fn: Any) -> Any:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            seen.append((name, threading.current_thread().name))
+            return fn(*args, **kwargs)
+
+        return recorded
+
+    eng.runner.load = on("load", eng.runner.load)  # type: ignore[method-assign]
+    eng.load()
+    eng.runner.prefill = on("prefill", eng.runner.prefill)  # type: ignore[method-assign]
+    eng.runner.decode = on("decode", eng.runner.decode)  # type: ignore[method-assign]
+    eng.warm_up()
+    assert eng.probe(["Hello =>"], eng.slots.live, max_tokens=2)  # before start(): the probe's rows step too
+    eng.start()
+    try:
+        assert eng.generate(["Hello =>"], SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids
+    finally:
+        eng.stop()
+    assert {name for name, _ in seen} == {"load", "prefill", "decode"}
+    assert {thread for _, thread in seen} == {"hotswapd-engine"}, seen
+
+
 def test_a_lora_output_head_serves_as_eager_peft_and_scores_each_prompt_on_its_rows_slot(
     demo_config: Any, demo_assets: Any, tmp_path: Path
 ) -> None:

@@ -231,3 +231,34 @@ def test_fifty_swaps_under_load_no_recompilation_no_torn_response(
     assert len(versions) >= 3, "requests should have been served by several versions during the storm"
     torn = [(p, res.adapter.version, res.text) for p, res in results if res.text != reference[res.adapter.version][p]]
     assert torn == []
+
+
+def test_a_swap_loads_checks_and_stages_at_one_thread(
+    swapper: Swapper, mix: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A swap's tensor work runs off the engine's thread, so it must not start an OpenMP team there
+    (``cpu_threads.serial``): the adapter's load and finite checks, and the staging copies, see one thread."""
+    import hotswap_core.swap as swap_module
+
+    counts: list[tuple[str, int]] = []
+    load, stage = swap_module.load_adapter, type(swapper.engine.slots).stage
+
+    def counted_load(*args: Any, **kwargs: Any) -> Any:
+        counts.append(("load", torch.get_num_threads()))
+        return load(*args, **kwargs)
+
+    def counted_stage(slots: Any, *args: Any, **kwargs: Any) -> None:
+        counts.append(("stage", torch.get_num_threads()))
+        stage(slots, *args, **kwargs)
+
+    monkeypatch.setattr(swap_module, "load_adapter", counted_load)
+    monkeypatch.setattr(type(swapper.engine.slots), "stage", counted_stage)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        target = "m_r4_sub" if swapper.live.version != "m_r4_sub" else "m_r1"
+        assert swapper.swap(mix[target]).result == "success"
+        assert counts == [("load", 1), ("stage", 1)]
+        assert torch.get_num_threads() == 2  # the calling thread's count, put back
+    finally:
+        torch.set_num_threads(before)
