@@ -7,7 +7,8 @@ reads it); a number sets it outright, on any device (on CUDA it only concerns ho
 
 Measured on 2 cores, float32. The geometry model (Qwen2.5-1.5B's shapes, 2 layers), in process: a decode step
 of 8 rows 81 ms on 2 threads, 138 ms on 1. The demo model (hidden 64), in process: a decode step of 4 rows
-5.05 ms on 2 threads, 0.68 ms on 1. But the demo daemon over its socket, two daemons side by side in turns:
+0.64-0.67 ms on 2 threads, 0.43 ms on 1 (an earlier 5.05 ms on 2 was measured with a second team alive, see
+below). The demo daemon over its socket, two daemons side by side in turns:
 8 mixed streaming clients 2,994 tokens/s on 2 threads against 2,030 on 1, using 1.86 cores against 1.05
 (an earlier pair of runs: 3,632 against 3,560). So the default stays torch's, and 1 is the setting for a
 sidecar that should leave the machine's other cores to its neighbours.
@@ -18,9 +19,10 @@ until that thread ends; once the teams' threads outnumber the CPUs, GNU OpenMP s
 kernel, which costs each of a small model's many short regions. So the engine loads, compiles, warms up and
 serves on its own thread (``Engine``), and tensor work on any other thread (a swap's load, checks and staging)
 runs inside ``serial()``, which keeps that thread out of OpenMP. Measured on 2 cores, the demo model in process:
-the serving thread's 8-token prefill took 0.64 ms while it alone had a team and 3.9 ms with a second team alive
-(load and warm-up on the calling thread); a decode step 0.39 ms against 0.89 ms. One copy of 100,000 floats on a
-swap's thread, which outlives the copy, was enough to start the slowdown.
+an 8-token prefill took 0.64 ms on a thread whose team was the only one and 3.9 ms on the serving thread while
+the thread that had loaded and warmed up (and so had a team) lived on; a decode step 0.39 ms against 0.89 ms.
+One copy of 100,000 floats on a helper thread that outlives the copy (a swap's executor thread) was enough to
+start the slowdown. A geometry-model daemon lost 12% of its 1-client tokens/s after its first swaps.
 """
 
 from __future__ import annotations
