@@ -5,7 +5,8 @@ compiled once), warmed, and served by one worker thread that schedules at the gr
 Lifecycle: ``load()`` (model, tokenizer, layout, slots, KV cache, compile) -> ``warm_up()`` (every
 shape the server will see) -> ``start()`` (serving) -> ``submit()`` / ``between_steps()`` -> ``stop()``.
 All of it runs on one thread, the engine's, whichever thread calls: load and warm-up too, since on CPU a second
-thread running the model's kernels slows every step (``cpu_threads.py``).
+thread running the model's kernels slows every step (``cpu_threads.py``), and on CUDA inductor keeps the graphs it
+records per thread (``cudagraph_trees``' tree managers are thread-local), so serving replays what warm-up recorded.
 
 Each step of the worker: run control operations (a swap's commit); admit waiting requests into free
 rows of the cache, each pinned to the slot that is live now; prefill prompts, a chunk at a time within the

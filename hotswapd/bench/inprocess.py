@@ -44,12 +44,13 @@ def configure_dynamo(config: Config) -> None:
 
 
 def on_own_thread(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on a new thread and wait for it, as the daemon loads and warms on a start-up thread.
+    """Run ``fn`` on a new thread and wait for it: the bench's torch work outside the engine (PEFT models,
+    transformers' ``generate()``, a swap's staging).
 
     libgomp keeps an OpenMP pool per thread that ran a parallel region, and once a process holds more
-    pool threads than cores it stops spinning between regions: the engine's worker then generated
+    pool threads than cores it stops spinning between regions: the engine's thread then generated
     2.6x slower on 2 cores (a tiny model is all short regions). A thread that ends takes its pool with
-    it, so torch work outside the worker runs on threads like this one.
+    it. The engine itself keeps to its own thread (``cpu_threads.py``); this is for the contenders.
     """
     box: list[T] = []
     errors: list[BaseException] = []
