@@ -214,7 +214,8 @@ class Engine:
         return [f.result(timeout) for f in futures]
 
     def _run_group(self, group: Group, timeout: float | None = None) -> Group:
-        """Queue an internal group and wait until every request of it is done (inline without a worker)."""
+        """Queue an internal group and wait until every request of it is done (before ``start()``, the engine's
+        thread runs it, and whatever else waits, to the end)."""
         self._enqueue(group, bounded=False)
         if not self._serving:
             self._on_engine_thread(self._run_until_idle)
