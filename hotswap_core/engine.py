@@ -180,7 +180,7 @@ class Engine:
 
     def between_steps(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the engine's thread before its next step; its time counts as serving paused
-        (``control_seconds``). After ``stop()`` it runs at once, on the calling thread."""
+        (``control_seconds``). Once that thread has ended (after ``stop()``) it runs at once, on the calling thread."""
         return self._queue(self._timed(fn))
 
     def _on_engine_thread(self, fn: Callable[[], T]) -> T:
@@ -190,9 +190,13 @@ class Engine:
         return self._queue(fn).result()
 
     def _queue(self, fn: Callable[[], T]) -> Future[T]:
+        """``fn`` for the engine's thread to run before its next step. It runs at once, on the calling thread, when
+        that is the engine's thread (a control operation or a warm-up callback) or when that thread has ended or
+        was never started and the engine is stopping: queued, it would never run."""
         fut: Future[T] = Future()
         with self._cv:
-            if not self._exited:
+            inline = threading.current_thread() is self._thread or self._exited
+            if not inline and not (self._stopping and self._thread is None):
                 self._ensure_thread()
                 self._control.append((fn, fut))
                 self._cv.notify()
@@ -276,6 +280,18 @@ class Engine:
 
     # ---- the worker -------------------------------------------------------------------------------
     def _worker(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # the loop itself failed (a row's failure never gets here): say so, hang nobody
+            log.exception("the engine's thread failed; the engine serves no more")
+            with self._cv:
+                self._exited = True  # what is queued from now on runs on the calling thread
+                orphans, self._control = self._control, []
+            for _, fut in orphans:
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(EngineStopped(f"the engine's thread failed: {exc!r}"))
+
+    def _serve(self) -> None:
         self.runner.configure_dynamo()
         while True:
             with self._cv:
@@ -284,7 +300,7 @@ class Engine:
                     self.last_loop_at = time.monotonic()
                 control, self._control = self._control, []
                 if self._stopping and not (control or self._has_rows):
-                    self._exited = True
+                    self._exited = True  # under the lock that queues: nothing is queued after this
                     return
             self.last_loop_at = time.monotonic()
             for fn, fut in control:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def _native_threads() -> set[int]:
 
 def _threads_started_by(work: Callable[[], None]) -> set[int]:
     """Native threads that appear when ``work`` runs on a thread that outlives it (as a swap's executor thread
-    does: a thread's OpenMP team lasts as long as the thread)."""
+    does) and end with that thread, as its OpenMP team does. A thread of anything else that happens to start
+    meanwhile lives on, so it is not counted."""
     before = _native_threads()
     done, release = threading.Event(), threading.Event()
 
@@ -75,10 +77,14 @@ def _threads_started_by(work: Callable[[], None]) -> set[int]:
     helper.start()
     try:
         assert done.wait(30)
-        return _native_threads() - before
+        appeared = _native_threads() - before
     finally:
         release.set()
         helper.join()
+    deadline = time.monotonic() + 10.0  # the team's threads exit as their master does, a moment later
+    while appeared & _native_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return appeared - _native_threads()
 
 
 def test_tensor_work_in_serial_starts_no_openmp_team_where_unguarded_work_does(restore_threads: None) -> None:

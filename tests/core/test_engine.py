@@ -393,19 +393,37 @@ def test_load_warm_up_and_rows_before_start_all_run_on_the_engine_thread(demo_co
 
         return recorded
 
-    eng.runner.load = on("load", eng.runner.load)  # type: ignore[method-assign]
-    eng.load()
-    eng.runner.prefill = on("prefill", eng.runner.prefill)  # type: ignore[method-assign]
-    eng.runner.decode = on("decode", eng.runner.decode)  # type: ignore[method-assign]
-    eng.warm_up()
-    assert eng.probe(["Hello =>"], eng.slots.live, max_tokens=2)  # before start(): the probe's rows step too
-    eng.start()
-    try:
+    try:  # stopped whatever fails: a thread of its own left behind would slow the session's engine
+        eng.runner.load = on("load", eng.runner.load)  # type: ignore[method-assign]
+        eng.load()
+        eng.runner.prefill = on("prefill", eng.runner.prefill)  # type: ignore[method-assign]
+        eng.runner.decode = on("decode", eng.runner.decode)  # type: ignore[method-assign]
+        eng.warm_up()
+        assert eng.probe(["Hello =>"], eng.slots.live, max_tokens=2)  # before start(): the probe's rows step too
+        eng.start()
         assert eng.generate(["Hello =>"], SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids
     finally:
         eng.stop()
     assert {name for name, _ in seen} == {"load", "prefill", "decode"}
     assert {thread for _, thread in seen} == {"hotswapd-engine"}, seen
+
+
+def test_an_engine_thread_that_fails_leaves_no_caller_waiting(demo_config: Any) -> None:
+    """If the engine's thread itself fails (not a row: the loop), what was queued for it fails with the reason,
+    and what comes after runs on the calling thread, as with no thread at all: a swap's commit never waits
+    forever."""
+    from hotswap_core.engine import Engine, EngineStopped
+
+    eng = Engine(demo_config)  # not loaded: the thread fails before it needs a model
+
+    def broken() -> None:
+        raise RuntimeError("dynamo settings refused")
+
+    eng.runner.configure_dynamo = broken  # type: ignore[method-assign]
+    with pytest.raises(EngineStopped, match="dynamo settings refused"):
+        eng.between_steps(lambda: "queued").result(10)
+    assert eng.between_steps(lambda: "after").result(10) == "after"
+    eng.stop()
 
 
 def test_a_lora_output_head_serves_as_eager_peft_and_scores_each_prompt_on_its_rows_slot(
