@@ -185,8 +185,6 @@ class Engine:
 
     def _on_engine_thread(self, fn: Callable[[], T]) -> T:
         """``fn``'s result, run on the engine's thread (load, warm-up, rows run before ``start()``)."""
-        if threading.current_thread() is self._thread:
-            return fn()
         return self._queue(fn).result()
 
     def _queue(self, fn: Callable[[], T]) -> Future[T]:
@@ -195,8 +193,8 @@ class Engine:
         was never started and the engine is stopping: queued, it would never run."""
         fut: Future[T] = Future()
         with self._cv:
-            inline = threading.current_thread() is self._thread or self._exited
-            if not inline and not (self._stopping and self._thread is None):
+            would_never_run = self._exited or (self._stopping and self._thread is None)
+            if not (threading.current_thread() is self._thread or would_never_run):
                 self._ensure_thread()
                 self._control.append((fn, fut))
                 self._cv.notify()

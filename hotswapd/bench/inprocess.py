@@ -45,12 +45,13 @@ def configure_dynamo(config: Config) -> None:
 
 def on_own_thread(fn: Callable[[], T]) -> T:
     """Run ``fn`` on a new thread and wait for it: the bench's torch work outside the engine (PEFT models,
-    transformers' ``generate()``, a swap's staging).
+    transformers' ``generate()``).
 
     libgomp keeps an OpenMP pool per thread that ran a parallel region, and once a process holds more
     pool threads than cores it stops spinning between regions: the engine's thread then generated
     2.6x slower on 2 cores (a tiny model is all short regions). A thread that ends takes its pool with
-    it. The engine itself keeps to its own thread (``cpu_threads.py``); this is for the contenders.
+    it. The engine keeps to its own thread and a swap runs in ``cpu_threads.serial()``, so the runner's calls of the
+    in-process engine through this (load, recompilations, a swap) no longer need it; they are left as they were.
     """
     box: list[T] = []
     errors: list[BaseException] = []
