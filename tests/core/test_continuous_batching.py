@@ -212,15 +212,30 @@ def test_rows_of_two_versions_share_steps_and_each_matches_eager_peft(
     assert len({res.adapter.version for _, _, res, _ in results}) >= 20
 
 
+# Long enough that B's whole swap (its smoke prompt shares the rows' steps) ends while they run, with a wide margin
+# even on a loaded machine: at 40 tokens a second test worker's load once let them finish first.
+PINNED_TOKENS = 200
+
+
+@pytest.fixture(scope="module")
+def eager_pinned(demo_assets: Any, pool: dict[str, Path], engine: Any) -> dict[str, list[int]]:
+    """``PINNED_TOKENS`` greedy tokens (EOS ignored) of p_r8 for the two prompts the staging test runs."""
+    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), pool["p_r8"]).eval()
+    return {
+        p: _greedy(model, engine.tokenizer.encode(p, add_special_tokens=False), PINNED_TOKENS)
+        for p in ("Hello =>", "ab")
+    }
+
+
 def test_staging_waits_for_rows_pinned_to_the_standby_slot(
-    engine: Any, swapper: Swapper, pool: dict[str, Path], eager: dict[str, dict[str, list[int]]]
+    engine: Any, swapper: Swapper, pool: dict[str, Path], eager_pinned: dict[str, list[int]]
 ) -> None:
     """Rows on version A keep running after B's commit; C's staging (into A's slot) waits for them, and their
     outputs stay exactly A's. Staging into a pinned slot directly is refused."""
     a, b, c = pool["p_r8"], pool["p_r4_sub"], pool["p_rslora"]
     assert swapper.swap(a).result in ("success", "unchanged")
     started, on_text = _after_tokens(3)
-    rows = [GenerationRequest(p, _fixed(LONGEST), on_text=on_text) for p in ("Hello =>", "ab")]
+    rows = [GenerationRequest(p, _fixed(PINNED_TOKENS), on_text=on_text) for p in ("Hello =>", "ab")]
     futures = [engine.submit(r) for r in rows]
     assert started.wait(60)
     assert swapper.swap(b).result == "success"
@@ -238,7 +253,7 @@ def test_staging_waits_for_rows_pinned_to_the_standby_slot(
     for prompt, f in zip(("Hello =>", "ab"), futures, strict=True):
         res = f.result()
         assert res.adapter.version == "p_r8"
-        assert list(res.token_ids) == eager["p_r8"][prompt]
+        assert list(res.token_ids) == eager_pinned[prompt]
 
 
 def test_a_swap_gives_up_on_a_pinned_slot_after_request_timeout(
