@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,12 +47,17 @@ def pool(demo_assets: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 @pytest.fixture(scope="module")
 def eager(demo_assets: Any, pool: dict[str, Path], engine: Any) -> dict[str, dict[str, list[int]]]:
     """Greedy tokens (EOS ignored, ``LONGEST`` of them) per adapter and prompt, from a fresh eager PeftModel."""
-    out: dict[str, dict[str, list[int]]] = {}
-    for name, path in pool.items():
-        model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), path).eval()
-        out[name] = {p: _greedy(model, engine.tokenizer.encode(p, add_special_tokens=False), LONGEST) for p in PROMPTS}
+    out = {name: _eager_greedy(demo_assets, path, engine.tokenizer, PROMPTS, LONGEST) for name, path in pool.items()}
     assert len({tuple(map(tuple, v.values())) for v in out.values()}) == len(pool), "adapters must differ"
     return out
+
+
+def _eager_greedy(
+    demo_assets: Any, adapter: Path, tokenizer: Any, prompts: Iterable[str], n: int
+) -> dict[str, list[int]]:
+    """``n`` greedy tokens (EOS ignored) per prompt from a fresh eager PeftModel of ``adapter``."""
+    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), adapter).eval()
+    return {p: _greedy(model, tokenizer.encode(p, add_special_tokens=False), n) for p in prompts}
 
 
 @torch.inference_mode()
@@ -220,11 +225,7 @@ PINNED_TOKENS = 200
 @pytest.fixture(scope="module")
 def eager_pinned(demo_assets: Any, pool: dict[str, Path], engine: Any) -> dict[str, list[int]]:
     """``PINNED_TOKENS`` greedy tokens (EOS ignored) of p_r8 for the two prompts the staging test runs."""
-    model: Any = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_assets.base), pool["p_r8"]).eval()
-    return {
-        p: _greedy(model, engine.tokenizer.encode(p, add_special_tokens=False), PINNED_TOKENS)
-        for p in ("Hello =>", "ab")
-    }
+    return _eager_greedy(demo_assets, pool["p_r8"], engine.tokenizer, ("Hello =>", "ab"), PINNED_TOKENS)
 
 
 def test_staging_waits_for_rows_pinned_to_the_standby_slot(
